@@ -1,0 +1,368 @@
+"""The `lmkiln` command: each subcommand parses a config and calls one library function.
+
+User mistakes (LmkilnError) print one line and exit with code 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable
+
+from lmkiln.errors import Interrupted, LmkilnError
+
+log = logging.getLogger("lmkiln")
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _config_parser(name: str, help_text: str, sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from lmkiln.config import help_text as keys_help
+
+    parser = sub.add_parser(
+        name,
+        help=help_text,
+        description=help_text,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (override with --section.key VALUE or section.key=VALUE):" + keys_help(),
+    )
+    parser.add_argument("--recipe", help="built-in recipe (see `lmkiln recipes`)")
+    parser.add_argument("--config", help="YAML file with config sections (applied after the recipe)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def _load(args: argparse.Namespace, overrides: list[str], default_recipe: str | None = "default"):
+    from lmkiln.config import load_config
+
+    recipe = args.recipe or (None if args.config else default_recipe)
+    return load_config(recipe=recipe, config_file=args.config, overrides=overrides)
+
+
+def _print_config(cfg) -> None:
+    from lmkiln.config import to_yaml
+
+    sys.stdout.write(to_yaml(cfg))
+
+
+def _quote(args: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in args)
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_recipes(args: argparse.Namespace, extra: list[str]) -> int:
+    from lmkiln.config import recipe_names, recipe_summary
+
+    for name in recipe_names():
+        print(f"{name:<20} {recipe_summary(name)}")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace, extra: list[str]) -> int:
+    from lmkiln.config import MODEL_PRESETS, ModelConfig
+    from lmkiln.model.transformer import matmul_parameters
+
+    print(
+        f"{'preset':<14} {'layers':>6} {'width':>6} {'heads':>7} {'context':>8} {'non-embedding params':>22}"
+    )
+    for name, values in MODEL_PRESETS.items():
+        cfg = ModelConfig(**values, vocab_size=0)
+        body = matmul_parameters(cfg)
+        print(
+            f"{name:<14} {cfg.n_layer:>6} {cfg.d_model:>6} {cfg.n_head:>3}/{cfg.kv_heads:<3} {cfg.block_size:>8} "
+            f"{body / 1e6:>21.1f}M"
+        )
+    return 0
+
+
+def cmd_tokenizer_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from lmkiln.data.prepare import build_tokenizer
+
+    cfg = _load(args, extra)
+    if args.print_config:
+        _print_config(cfg)
+        return 0
+    report = build_tokenizer(cfg)
+    tokenizer = report.tokenizer
+    out = tokenizer.save(args.out)
+    how = "from cache" if report.cached else f"trained in {report.seconds:.2f} s"
+    print(f"tokenizer: {cfg.tokenizer.kind}, {tokenizer.vocab_size} tokens ({how}) → {out}/tokenizer.json")
+    print(
+        f"compression: {report.bytes_per_token:.2f} bytes/token on held-out text; "
+        f"fast encoder: {tokenizer.fast_path}"
+    )
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace, extra: list[str]) -> int:
+    from lmkiln.train.pretrain import prepare_data
+
+    cfg = _load(args, extra)
+    if args.print_config:
+        _print_config(cfg)
+        return 0
+    tok, shards = prepare_data(cfg)
+    _print_data_summary(tok, shards)
+    print(f"shards: {shards.shards.directory}")
+    return 0
+
+
+def _print_data_summary(tok, shards) -> None:
+    tokenizer = tok.tokenizer
+    how = "cached" if tok.cached else f"trained in {tok.seconds:.2f} s"
+    print(f"tokenizer: {tokenizer.vocab_size} tokens ({how}), {tok.bytes_per_token:.2f} bytes/token held out")
+    m = shards.shards.manifest["splits"]
+    speed = "cached" if shards.cached else f"{shards.seconds:.2f} s, {shards.mb_per_s:.1f} MB/s"
+    print(
+        f"shards: {m['train']['tokens']:,} train / {m['val']['tokens']:,} validation tokens "
+        f"({shards.shards.dtype.name}, {speed})"
+    )
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return _exec_torchrun(args.nproc)
+    cfg = _load(args, extra)
+    if args.print_config:
+        _print_config(cfg)
+        return 0
+    from lmkiln.train.pretrain import pretrain
+
+    started = time.perf_counter()
+    result = pretrain(cfg, resume=args.resume, force=args.force, overwrite=args.overwrite)
+    if not _is_main():
+        return 0
+    _print_train_summary(cfg, args, result, time.perf_counter() - started)
+    return 0
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _exec_torchrun(nproc: int) -> int:
+    argv = [a for a in sys.argv[1:]]
+    at = argv.index("--nproc")
+    del argv[at : at + 2]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "lmkiln",
+        *argv,
+    ]
+    print(f"exec: {_quote(command)}", file=sys.stderr)
+    os.execv(sys.executable, command)
+    return 0  # not reached
+
+
+def _print_train_summary(cfg, args, result, seconds: float) -> None:
+    from lmkiln.infer.generate import Sampling, generate_text
+    from lmkiln.train.observe import format_count, format_duration
+
+    fit = result.fit
+    state = fit.state
+    before, after = fit.first_eval.get("val_loss"), fit.last_eval.get("val_loss")
+    line = (
+        f"trained {state.step} steps, {format_count(state.tokens_seen)} tokens in "
+        f"{format_duration(state.train_seconds)} ({format_count(state.tokens_seen / max(state.train_seconds, 1e-9))} tok/s)"
+    )
+    print(line)
+    if after is not None:
+        start = f"{before:.3f} → " if before is not None else ""
+        print(
+            f"validation loss {start}{after:.3f} (perplexity {fit.last_eval['val_ppl']:.1f}, "
+            f"{fit.last_eval['val_bpb']:.3f} bits/byte); stopped by {fit.stop_reason}"
+        )
+    print(
+        f"run directory: {result.run_dir} (config.yaml, tokenizer/, checkpoints/, metrics.jsonl, plots/loss.png)"
+    )
+    if cfg.train.sample_tokens > 0:
+        text = generate_text(
+            result.model.eval(),
+            result.tokenizer,
+            [""],
+            Sampling(max_new_tokens=cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=0),
+        )[0]
+        print("sample:\n  " + text.strip().replace("\n", "\n  "))
+    run = str(result.run_dir)
+    print("next:")
+    print(f'  lmkiln generate {run} --prompt "The " --max-new-tokens 100     # sample more')
+    print(
+        f"  lmkiln train {_recipe_args(args)}--resume auto --train.max_steps {cfg.train.max_steps * 2}"
+        f"   # continue training"
+    )
+
+
+def _recipe_args(args) -> str:
+    parts = []
+    if args.recipe:
+        parts += ["--recipe", args.recipe]
+    if args.config:
+        parts += ["--config", args.config]
+    return _quote(parts) + " " if parts else ""
+
+
+def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise LmkilnError(f"unexpected arguments: {_quote(extra)}")
+    from lmkiln.infer.generate import Sampling, generate_text
+    from lmkiln.infer.load import load_run
+
+    loaded = load_run(args.run_dir, device=args.device)
+    sampling = Sampling(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop or [],
+    )
+    prompts = args.prompt or [""]
+    for index, prompt in enumerate(prompts):
+        if index:
+            sys.stdout.write("\n---\n")
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+
+        def stream(row: int, delta: str) -> None:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+
+        generate_text(loaded.model, loaded.tokenizer, [prompt], sampling, on_text=stream)
+        sys.stdout.write("\n")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Parser and entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmkiln",
+        allow_abbrev=False,
+        description="Build language models from scratch and fine-tune them.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"lmkiln {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = _config_parser(
+        "train", "train a model (default: the `default` recipe on the built-in corpus)", sub
+    )
+    train.add_argument(
+        "--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint or PATH"
+    )
+    train.add_argument(
+        "--force", action="store_true", help="resume even if batch/model/data settings changed"
+    )
+    train.add_argument(
+        "--overwrite", action="store_true", help="delete an existing run directory and start over"
+    )
+    train.add_argument(
+        "--nproc", type=int, default=0, help="launch N processes with torchrun on this machine"
+    )
+    train.set_defaults(func=cmd_train)
+
+    sub.add_parser("recipes", help="list the built-in recipes").set_defaults(func=cmd_recipes)
+    sub.add_parser("presets", help="list the model size presets").set_defaults(func=cmd_presets)
+
+    tokenizer = sub.add_parser("tokenizer", help="tokenizer commands")
+    tok_sub = tokenizer.add_subparsers(dest="tokenizer_command", metavar="COMMAND", required=True)
+    tok_train = _config_parser("train", "train a tokenizer on the config's corpus", tok_sub)
+    tok_train.add_argument("--out", required=True, help="directory for tokenizer.json")
+    tok_train.set_defaults(func=cmd_tokenizer_train)
+
+    data = sub.add_parser("data", help="data commands")
+    data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+    prepare = _config_parser("prepare", "tokenize the config's corpus into cached token shards", data_sub)
+    prepare.set_defaults(func=cmd_data_prepare)
+
+    generate = sub.add_parser("generate", help="sample text from a trained run", allow_abbrev=False)
+    generate.add_argument("run_dir", help="run directory (or one of its checkpoints)")
+    generate.add_argument("--prompt", action="append", help="prompt text (repeat for several)")
+    generate.add_argument("--max-new-tokens", type=int, default=200)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--stop", action="append", help="stop string (repeatable)")
+    generate.add_argument("--device", default="cpu")
+    generate.set_defaults(func=cmd_generate)
+    return parser
+
+
+def _version() -> str:
+    from lmkiln import __version__
+
+    return __version__
+
+
+class _Formatter(logging.Formatter):
+    """INFO lines as plain text; warnings and errors prefixed with their level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return text if record.levelno == logging.INFO else f"{record.levelname.lower()}: {text}"
+
+
+def _setup_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)
+    logging.getLogger("lmkiln").setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """Accept `--debug` anywhere (argparse wants it before the subcommand)."""
+    if "--debug" in argv[1:]:
+        argv = ["--debug"] + [a for a in argv if a != "--debug"]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = normalize_argv(list(sys.argv[1:] if argv is None else argv))
+    debug = "--debug" in argv
+    _setup_logging(debug)
+    parser = build_parser()
+    if not argv or argv == ["--debug"]:
+        argv = [*argv, "--help"]
+    args, extra = parser.parse_known_args(argv)
+    func: Callable | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return func(args, extra)
+    except LmkilnError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except Interrupted as err:
+        where = f"; checkpoint {err.checkpoint}" if err.checkpoint else ""
+        print(f"{err}{where}. Continue with the same command plus --resume auto", file=sys.stderr)
+        return 128 + err.signum
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,624 @@
+"""Typed configuration: nested dataclasses, YAML recipes, dotted command-line overrides.
+
+Resolution order, lowest first: dataclass defaults → model size preset (`model.preset`) → recipe
+YAML → `--config FILE` → command-line overrides. Every value is coerced to its field's type and
+checked; an unknown key names the closest valid one. The resolved config is what a run saves.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from lmkiln.errors import LmkilnError
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "builtin:pydoc"
+    """Text to train on: 'builtin:pydoc' (Python's reference manual, ships with CPython), a .txt/.jsonl/.csv/.parquet file, a directory, or a glob."""
+    field: str = "text"
+    """Column that holds the text in .jsonl/.csv/.parquet files."""
+    text_unit: Literal["file", "paragraph", "line"] = "paragraph"
+    """How a .txt file is cut into documents: the whole file, blank-line-separated paragraphs, or lines."""
+    split: Literal["document", "tail"] = "document"
+    """Validation split: a seeded random share of documents, or the last tokens of the corpus (nanoGPT style)."""
+    val_fraction: float = 0.1
+    """Share of documents (or tokens, for split=tail) held out for validation."""
+    seed: int = 1337
+    """Seed of the train/validation document split."""
+    cache_dir: str = ""
+    """Where token shards are cached; empty means $LMKILN_CACHE or ~/.cache/lmkiln."""
+    shard_tokens: int = 50_000_000
+    """Tokens per shard file; a corpus larger than this is written as several shards."""
+    document_mask: bool = False
+    """Block attention across document boundaries (EOS) inside a pretraining window."""
+
+
+@dataclass
+class TokenizerConfig:
+    kind: Literal["bpe", "char", "file"] = "bpe"
+    """Byte-level BPE trained on the corpus, a character-level vocabulary, or an existing tokenizer.json (see path)."""
+    vocab_size: int = 4096
+    """Target vocabulary size for kind=bpe, special tokens included."""
+    min_frequency: int = 2
+    """A BPE merge must occur at least this often in the corpus."""
+    path: str = ""
+    """For kind=file: a tokenizer.json file or a directory that holds one."""
+    fast: bool = True
+    """Encode with the verified fast path (tiktoken for byte-level BPE, a lookup table for characters) when available."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = ""
+    """Named size preset (see `lmkiln presets`); fields set explicitly override it."""
+    n_layer: int = 4
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block."""
+    n_kv_head: int = 0
+    """Key/value heads for grouped-query attention; 0 means n_head (plain multi-head attention)."""
+    d_model: int = 256
+    """Width of the residual stream."""
+    d_ff: int = 0
+    """Hidden width of the MLP; 0 derives it (4*d_model for gelu, ~8/3*d_model rounded to 64 for swiglu)."""
+    block_size: int = 256
+    """Longest context the model supports (size of learned positions / RoPE table)."""
+    vocab_size: int = 0
+    """Embedding rows; 0 takes the tokenizer's vocabulary size."""
+    norm: Literal["rms", "layer"] = "rms"
+    """RMSNorm (Llama) or LayerNorm (GPT-2)."""
+    position: Literal["rope", "learned"] = "rope"
+    """Rotary position embeddings (Llama) or learned absolute positions (GPT-2)."""
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    """SwiGLU (Llama) or GELU (GPT-2) feed-forward block."""
+    bias: bool = False
+    """Biases in linear layers and norms (GPT-2 style)."""
+    tie_embeddings: bool = True
+    """Share the input embedding matrix with the output projection."""
+    rope_base: float = 10000.0
+    """RoPE base frequency (theta)."""
+    norm_eps: float = 1e-5
+    """Epsilon of the normalisation layers."""
+    dropout: float = 0.0
+    """Dropout on attention weights, residual branches and embeddings."""
+    init_std: float = 0.02
+    """Standard deviation of the weight initialisation (residual projections are scaled by 1/sqrt(2*n_layer))."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.mlp == "gelu":
+            return 4 * self.d_model
+        return 64 * -(-int(8 * self.d_model / 3) // 64)  # round up to a multiple of 64
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "adam", "sgd", "rmsprop", "adagrad"] = "adamw"
+    """Optimizer."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (AdamW) or L2 penalty (others); never applied to norms, biases or embeddings."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam/AdamW moment coefficients."""
+    eps: float = 1e-8
+    """Adam/AdamW/RMSprop/Adagrad epsilon."""
+    momentum: float = 0.9
+    """Momentum for SGD and RMSprop."""
+    nesterov: bool = False
+    """Nesterov momentum for SGD."""
+    impl: Literal["auto", "fused", "foreach", "loop"] = "auto"
+    """Optimizer kernel: auto picks fused where supported, else foreach."""
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    """Learning-rate schedule after warmup: cosine decay, linear decay, constant, or warmup-stable-decay."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to the peak learning rate over this many steps."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a share of the peak."""
+    decay_fraction: float = 0.2
+    """For wsd: share of all steps spent in the final linear decay."""
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = ""
+    """Run directory; empty means runs/<recipe name>."""
+    max_steps: int = 1000
+    """Optimizer steps to train for (the schedule's length unless max_epochs is set)."""
+    max_epochs: int = 0
+    """Train for this many passes over the training data instead of max_steps (0 = use max_steps)."""
+    batch_size: int = 16
+    """Sequences (or examples) per optimizer step, across all processes and micro-batches."""
+    micro_batch_size: int = 0
+    """Sequences per forward/backward pass; 0 means batch_size (no gradient accumulation)."""
+    seq_len: int = 256
+    """Tokens per training sequence (context length); at most model.block_size."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)."""
+    eval_every: int = 200
+    """Evaluate on the validation split every N steps (and at the end)."""
+    eval_tokens: int = 262_144
+    """Upper bound on validation tokens per evaluation (the whole split if smaller)."""
+    save_every: int = 500
+    """Write a checkpoint every N steps (and at the end)."""
+    keep_last: int = 2
+    """Checkpoints to keep besides the best one."""
+    monitor: str = "val_loss"
+    """Validation metric that picks the best checkpoint and drives early stopping."""
+    monitor_mode: Literal["min", "max"] = "min"
+    """Whether a lower or a higher monitored value is better."""
+    patience: int = 0
+    """Stop after this many evaluations without improvement (0 = never stop early)."""
+    min_delta: float = 0.0
+    """Smallest change of the monitored metric that counts as an improvement."""
+    nonfinite: Literal["stop", "skip", "rollback"] = "stop"
+    """On a NaN/Inf loss or gradient: stop with an error, skip the step, or reload the last checkpoint."""
+    max_nonfinite: int = 5
+    """With nonfinite=skip/rollback: give up after this many consecutive non-finite steps."""
+    log_every: int = 10
+    """Log metrics every N steps."""
+    seed: int = 1337
+    """Seed for weight initialisation, dropout and batch sampling."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """Device; auto picks cuda, then mps, then cpu."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute precision; auto is bf16 autocast on GPUs that support it and fp32 elsewhere (bf16 is ~15x slower on CPUs without bf16 units)."""
+    compile: bool = False
+    """Compile the model with torch.compile (slow first step; pays off on larger models and GPUs)."""
+    threads: int = 0
+    """CPU threads for torch; 0 keeps torch's default."""
+    sample_tokens: int = 64
+    """Tokens to sample from the model when training ends (0 to skip)."""
+
+
+@dataclass
+class LogConfig:
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"
+    """Progress display: a live bar on a terminal, plain log lines otherwise."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files into the run directory (needs the tensorboard package)."""
+    plot: bool = True
+    """Write loss and learning-rate curves as a PNG at every evaluation and at the end."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    name: str = "default"
+    """Name of the run (the recipe name unless set)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Model size presets: explicit values in a recipe or on the command line override these.
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, block_size=128),
+    "nanogpt-char": dict(
+        n_layer=4,
+        n_head=4,
+        d_model=128,
+        block_size=64,
+        norm="layer",
+        position="learned",
+        mlp="gelu",
+        bias=False,
+        dropout=0.0,
+    ),
+    "small-10m": dict(n_layer=6, n_head=6, d_model=384, block_size=256),
+    "gpt2-124m": dict(
+        n_layer=12,
+        n_head=12,
+        d_model=768,
+        block_size=1024,
+        norm="layer",
+        position="learned",
+        mlp="gelu",
+        bias=True,
+        tie_embeddings=True,
+    ),
+    "llama-1b": dict(
+        n_layer=16,
+        n_head=32,
+        n_kv_head=8,
+        d_model=2048,
+        d_ff=8192,
+        block_size=2048,
+        rope_base=500000.0,
+        tie_embeddings=True,
+    ),
+}
+
+# --------------------------------------------------------------------------------------------
+# Field docs, keys and types
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass (the string literal under each field)."""
+    tree = ast.parse(inspect.getsource(cls))
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+        ):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> dict[str, Any]:
+    """Every dotted leaf key of a config class, mapped to its type."""
+    keys: dict[str, Any] = {}
+    for name, hint in _hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys.update(all_keys(hint, f"{prefix}{name}."))
+        else:
+            keys[f"{prefix}{name}"] = hint
+    return keys
+
+
+def type_name(hint: Any) -> str:
+    origin = get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(hint))
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else type_name(a) for a in get_args(hint))
+    if origin in (list, tuple):
+        return f"{origin.__name__}[{', '.join(type_name(a) for a in get_args(hint) if a is not ...)}]"
+    return getattr(hint, "__name__", str(hint))
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Convert `value` (from YAML or a command-line string) to the type `hint`, or explain why not."""
+
+    def fail() -> LmkilnError:
+        return LmkilnError(f"config key '{key}' ({source}): expected {type_name(hint)}, got {value!r}")
+
+    origin = get_origin(hint)
+    if origin is Literal:
+        choices = get_args(hint)
+        if value in choices:
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint_text = f" — did you mean {close[0]!r}?" if close else ""
+        raise LmkilnError(
+            f"config key '{key}' ({source}): {value!r} is not one of "
+            f"{', '.join(repr(c) for c in choices)}{hint_text}"
+        )
+    if origin in (Union, types.UnionType):
+        args = get_args(hint)
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            if type(None) in args:
+                return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key, source)
+            except LmkilnError:
+                pass
+        raise fail()
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            text = value.strip()
+            value = yaml.safe_load(text) if text.startswith("[") else [v for v in text.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise fail()
+        args = get_args(hint)
+        if origin is tuple and args and args[-1] is not ...:
+            if len(value) != len(args):
+                raise fail()
+            return tuple(coerce(v, a, key, source) for v, a in zip(value, args))
+        item = args[0] if args else Any
+        items = [coerce(v, item, key, source) for v in value]
+        return tuple(items) if origin is tuple else items
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise fail()
+    if hint is int:
+        if isinstance(value, bool):
+            raise fail()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value.replace("_", ""))
+            except ValueError:
+                raise fail() from None
+            if number.is_integer():
+                return int(number)
+        raise fail()
+    if hint is float:
+        if isinstance(value, bool):
+            raise fail()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise fail() from None
+        raise fail()
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise fail()
+    raise fail()
+
+
+def unknown_key_error(key: str, valid: list[str], source: str) -> LmkilnError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:  # a misspelt section still deserves a suggestion for the leaf
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in valid if k.rsplit(".", 1)[-1] == leaf][:1]
+    suggestion = f" — did you mean '{close[0]}'?" if close else ""
+    return LmkilnError(
+        f"unknown config key '{key}' ({source}){suggestion} (`lmkiln train --help` lists every key)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Building a config from layers of dotted values
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 1}} -> {'optim.lr': 1}; a non-dict value is a leaf."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    *path, leaf = key.split(".")
+    target: Any = cfg
+    for part in path:
+        target = getattr(target, part)
+    setattr(target, leaf, value)
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+Layer = tuple[str, dict[str, Any]]  # (where the values came from, dotted key -> raw value)
+
+
+def build_config(layers: list[Layer], config_cls: type = Config) -> Config:
+    """Apply layers of dotted values over the defaults, with the model preset underneath them."""
+    keys = all_keys(config_cls)
+    resolved: dict[str, tuple[Any, str]] = {}
+    for source, values in layers:
+        for key, raw in values.items():
+            if key not in keys:
+                raise unknown_key_error(key, sorted(keys), source)
+            resolved[key] = (coerce(raw, keys[key], key, source), source)
+
+    cfg = config_cls()
+    preset, _ = resolved.get("model.preset", ("", ""))
+    if preset:
+        if preset not in MODEL_PRESETS:
+            raise LmkilnError(f"unknown model preset {preset!r}; valid presets: {', '.join(MODEL_PRESETS)}")
+        for key, value in MODEL_PRESETS[preset].items():
+            _set(cfg, f"model.{key}", value)
+    for key, (value, _) in resolved.items():
+        _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a single field's type cannot express."""
+    m, t = cfg.model, cfg.train
+    if m.d_model % m.n_head:
+        raise LmkilnError(f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
+    if m.n_head % m.kv_heads:
+        raise LmkilnError(f"model.n_head ({m.n_head}) must be divisible by model.n_kv_head ({m.kv_heads})")
+    if m.position == "rope" and m.head_dim % 2:
+        raise LmkilnError(f"rotary embeddings need an even head size; d_model/n_head is {m.head_dim}")
+    if t.seq_len > m.block_size:
+        raise LmkilnError(
+            f"train.seq_len ({t.seq_len}) is longer than the model's maximum context "
+            f"model.block_size ({m.block_size}); lower train.seq_len or raise model.block_size"
+        )
+    micro = t.micro_batch_size or t.batch_size
+    if t.batch_size % micro:
+        raise LmkilnError(
+            f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size ({micro})"
+        )
+    for key in (
+        "train.max_steps",
+        "train.batch_size",
+        "train.eval_every",
+        "train.save_every",
+        "train.log_every",
+        "model.n_layer",
+        "model.d_model",
+        "model.block_size",
+    ):
+        if _get(cfg, key) <= 0:
+            raise LmkilnError(f"config key '{key}' must be positive, got {_get(cfg, key)}")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise LmkilnError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+
+
+# --------------------------------------------------------------------------------------------
+# Recipes, files and the command line
+
+
+def recipe_names() -> list[str]:
+    return sorted(
+        p.name[:-5] for p in resources.files("lmkiln.recipes").iterdir() if p.name.endswith(".yaml")
+    )
+
+
+def recipe_text(name: str) -> str:
+    path = resources.files("lmkiln.recipes") / f"{name}.yaml"
+    if not path.is_file():
+        close = difflib.get_close_matches(name, recipe_names(), n=1)
+        hint = f" — did you mean {close[0]!r}?" if close else ""
+        raise LmkilnError(f"unknown recipe {name!r}{hint} (`lmkiln recipes` lists them)")
+    return path.read_text(encoding="utf-8")
+
+
+def recipe_summary(name: str) -> str:
+    """The recipe's first comment line: its one-line description."""
+    for line in recipe_text(name).splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def _yaml_layer(text: str, source: str) -> Layer:
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise LmkilnError(f"{source}: not valid YAML: {err}".replace("\n", " ")) from None
+    if not isinstance(tree, dict):
+        raise LmkilnError(f"{source}: expected a mapping of config sections, got {type(tree).__name__}")
+    return source, flatten(tree)
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """`--a.b v`, `--a.b=v` and `a.b=v` -> {'a.b': 'v'}; a bare `--flag` means true."""
+    values: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                    value, i = args[i + 1], i + 1
+                else:
+                    value = "true"
+        elif "=" in arg:
+            key, _, value = arg.partition("=")
+        else:
+            raise LmkilnError(
+                f"unexpected argument {arg!r}: config overrides look like "
+                f"--section.key VALUE or section.key=VALUE"
+            )
+        values[key.replace("-", "_")] = value
+        i += 1
+    return values
+
+
+def load_config(
+    recipe: str | None = None,
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    config_cls: type = Config,
+) -> Config:
+    """Resolve a full config from a recipe name, a YAML file and command-line overrides."""
+    layers: list[Layer] = []
+    if recipe:
+        source, values = _yaml_layer(recipe_text(recipe), f"recipe {recipe}")
+        values.setdefault("name", recipe)
+        layers.append((source, values))
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise LmkilnError(f"config file not found: {path}")
+        layers.append(_yaml_layer(path.read_text(encoding="utf-8"), str(path)))
+    if overrides:
+        layers.append(("command line", parse_overrides(overrides)))
+    return build_config(layers, config_cls)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    out = dataclasses.asdict(cfg)
+    return _tuples_to_lists(out)
+
+
+def _tuples_to_lists(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _tuples_to_lists(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_tuples_to_lists(v) for v in tree]
+    return tree
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def from_dict(tree: dict[str, Any], source: str, config_cls: type = Config) -> Config:
+    """Rebuild a saved, fully resolved config (every field is explicit, so the preset changes nothing)."""
+    return build_config([(source, flatten(tree))], config_cls)
+
+
+def help_text(config_cls: type = Config) -> str:
+    """Every key with its type, default and docstring, grouped by section."""
+    lines: list[str] = []
+    defaults = config_cls()
+    for name, hint in _hints(config_cls).items():
+        if not dataclasses.is_dataclass(hint):
+            continue
+        lines.append(f"\n{name}:")
+        docs = field_docs(hint)
+        for key, sub in _hints(hint).items():
+            default = getattr(getattr(defaults, name), key)
+            lines.append(f"  --{name}.{key} ({type_name(sub)}, default {default!r})")
+            if key in docs:
+                lines.append(f"      {docs[key]}")
+    return "\n".join(lines)

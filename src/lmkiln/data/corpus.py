@@ -1,0 +1,207 @@
+"""Corpus readers: turn a corpus spec into a stream of documents.
+
+A spec is `builtin:pydoc`, a file (.txt, .jsonl, .csv, .parquet), a directory (every supported
+file below it) or a glob. Everything streams document by document, so a corpus larger than RAM
+works (except `.txt` with text_unit=file, which holds one file at a time). Bad input raises
+`LmkilnError` naming the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob as globlib
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmkiln.errors import LmkilnError
+
+BUILTIN_PYDOC = "builtin:pydoc"
+SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".csv", ".parquet")
+
+
+@dataclass(frozen=True)
+class Document:
+    key: str
+    """Stable identity (source and position), used for the seeded train/validation split."""
+    text: str
+
+
+def resolve_sources(spec: str) -> list[Path]:
+    """The files a corpus spec names, sorted; raises if there are none."""
+    if spec == BUILTIN_PYDOC:
+        return []
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        if not files:
+            raise LmkilnError(f"corpus directory {path} holds no {'/'.join(SUFFIXES)} files")
+        return files
+    if any(ch in spec for ch in "*?["):
+        files = sorted(
+            Path(p) for p in globlib.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file()
+        )
+        if not files:
+            raise LmkilnError(f"corpus glob {spec!r} matches no files")
+        return files
+    raise LmkilnError(f"corpus not found: {spec} (give a file, directory, glob or 'builtin:pydoc')")
+
+
+def source_fingerprints(spec: str) -> list[list]:
+    """What identifies the corpus contents for caching: path, size and modification time per file."""
+    if spec == BUILTIN_PYDOC:
+        from pydoc_data import topics
+
+        digest = hashlib.sha256("".join(topics.topics.values()).encode()).hexdigest()[:16]
+        return [[BUILTIN_PYDOC, sys.version.split()[0], digest]]
+    out = []
+    for path in resolve_sources(spec):
+        stat = path.stat()
+        out.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+    return out
+
+
+def iter_documents(spec: str, field: str = "text", text_unit: str = "paragraph") -> Iterator[Document]:
+    """Every non-empty document of a corpus, in a deterministic order."""
+    if spec == BUILTIN_PYDOC:
+        from pydoc_data import topics
+
+        for name in sorted(topics.topics):
+            yield Document(f"pydoc:{name}", topics.topics[name])
+        return
+    base = _key_base(spec)
+    for path in resolve_sources(spec):
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".json"):
+            reader = _read_jsonl(path, field)
+        elif suffix == ".csv":
+            reader = _read_csv(path, field)
+        elif suffix == ".parquet":
+            reader = _read_parquet(path, field)
+        else:
+            reader = _read_text(path, text_unit)
+        prefix = len(str(path))
+        name = path.relative_to(base).as_posix() if path.is_relative_to(base) else path.name
+        for doc in reader:
+            if doc.text.strip():
+                # keys name the file relative to the corpus root, so moving a corpus keeps its split
+                yield Document(name + doc.key[prefix:], doc.text)
+
+
+def _key_base(spec: str) -> Path:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        return path.parent
+    parts = []
+    for part in path.parts:  # a glob: the directories before the first wildcard
+        if any(ch in part for ch in "*?["):
+            break
+        parts.append(part)
+    return Path(*parts) if parts else Path(".")
+
+
+def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) for each line, decoding UTF-8 strictly with a precise error."""
+    offset = 0
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise LmkilnError(
+                    f"{path}:{number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte offset "
+                    f"{offset + err.start} of the file); convert the file to UTF-8"
+                ) from None
+            if number == 1 and line.startswith("\ufeff"):
+                line = line[1:]  # a byte-order mark is not text
+            offset += len(raw)
+            yield number, line
+
+
+def _read_text(path: Path, text_unit: str) -> Iterator[Document]:
+    if text_unit == "file":
+        text = "".join(line for _, line in _decoded_lines(path))
+        yield Document(str(path), text)
+        return
+    if text_unit == "line":
+        for number, line in _decoded_lines(path):
+            yield Document(f"{path}:{number}", line.rstrip("\r\n"))
+        return
+    paragraph: list[str] = []
+    start = 1
+    for number, line in _decoded_lines(path):
+        if line.strip():
+            if not paragraph:
+                start = number
+            paragraph.append(line)
+        elif paragraph:
+            yield Document(f"{path}:{start}", "".join(paragraph).rstrip("\r\n"))
+            paragraph = []
+    if paragraph:
+        yield Document(f"{path}:{start}", "".join(paragraph).rstrip("\r\n"))
+
+
+def _field_text(value: object, path: Path, where: str, field: str) -> str:
+    if isinstance(value, str):
+        return value
+    raise LmkilnError(f"{path}:{where}: field {field!r} must be a string, got {type(value).__name__}")
+
+
+def _read_jsonl(path: Path, field: str) -> Iterator[Document]:
+    for number, line in _decoded_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise LmkilnError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise LmkilnError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        if field not in row:
+            raise LmkilnError(
+                f"{path}:{number}: no field {field!r} (fields: {', '.join(row) or 'none'}); "
+                f"choose one with --data.field"
+            )
+        yield Document(f"{path}:{number}", _field_text(row[field], path, str(number), field))
+
+
+def _read_csv(path: Path, field: str) -> Iterator[Document]:
+    csv.field_size_limit(2**31 - 1)
+    lines = (line for _, line in _decoded_lines(path))
+    reader = csv.DictReader(lines)
+    if reader.fieldnames is None:
+        return
+    if field not in reader.fieldnames:
+        raise LmkilnError(
+            f"{path}:1: no column {field!r} (columns: {', '.join(reader.fieldnames)}); "
+            f"choose one with --data.field"
+        )
+    for row in reader:
+        yield Document(f"{path}:{reader.line_num}", row[field] or "")
+
+
+def _read_parquet(path: Path, field: str) -> Iterator[Document]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise LmkilnError(f"reading {path} needs pyarrow: pip install 'lmkiln[data]'") from None
+    parquet = pq.ParquetFile(path)
+    columns = parquet.schema_arrow.names
+    if field not in columns:
+        raise LmkilnError(
+            f"{path}: no column {field!r} (columns: {', '.join(columns)}); choose one with --data.field"
+        )
+    row = 0
+    for batch in parquet.iter_batches(columns=[field], batch_size=4096):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            if value is not None:
+                yield Document(f"{path}:row{row}", _field_text(value, path, f"row {row}", field))

@@ -1,0 +1,200 @@
+"""Fast bulk encoders that reproduce `tokenizers`' ids exactly, 5-50x faster.
+
+- Byte-level BPE with GPT-2 pre-tokenization → a `tiktoken.Encoding` built from the same vocabulary
+  (ranks = ids). tiktoken merges by the rank of the merged token, `tokenizers` by the rank of the
+  merge rule; for vocabularies that BPE training produces these agree, and we never trust that
+  blindly: the encoder is checked on a probe text when built and on a sample of every batch.
+- Character vocabularies with byte fallback → a numpy lookup table over code points; a text with
+  a character outside the vocabulary goes through the reference encoder.
+
+Anything else (normalizers, other pre-tokenizers, non-special added tokens) has no fast path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from lmkiln.data.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+VERIFY_CHARS = 4096  # characters of each batch re-encoded by the reference to check the fast path
+
+PROBE_TEXT = (
+    "Hello, world! It's 2026; we'll test: naïve café, Straße, ÆØÅ — “quotes” and ‘more’.\n"
+    "  indented\tline\r\nwith CRLF and    spaces   \n\n\n"
+    "数字 123 4567 89,000.5 ½ ⅔ ٣ ৪; 日本語のテキスト, 한국어 텍스트, Ελληνικά, русский, עברית, العربية.\n"
+    "emoji 😀👍🏽👨‍👩‍👧 flags 🇫🇷 combining é ñ a\u0301\u0302 zero\u200bwidth \x00\x01\x7f control.\n"
+    "<|endoftext|> <|im_start|>user text<|im_end|> def f(x): return x**2 # 'quoted' \"double\"\n"
+    "Don't I'LL you've they're she'd 'tis ''' ``` ~~~ ---- ____ .... !!!! ????\n"
+)
+
+
+class FastPathMismatch(RuntimeError):
+    """The fast encoder disagreed with the reference on a sample; the caller must re-encode."""
+
+
+class FastEncoder(Protocol):
+    name: str
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (what byte-level BPE stores)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+class TiktokenBPE:
+    name = "tiktoken"
+
+    def __init__(self, spec: dict, threads: int) -> None:
+        import tiktoken
+
+        byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+        ranks = {bytes(byte_of[c] for c in token): rank for token, rank in spec["model"]["vocab"].items()}
+        specials = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+        self.encoding = tiktoken.Encoding(
+            "lmkiln", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=specials
+        )
+        self.threads = threads
+        self.pool: ThreadPoolExecutor | None = None
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # tiktoken's own batch call pays a thread-pool task per text; contiguous chunks per thread
+        # keep both cores busy on many short documents (20 vs 7 MB/s on paragraphs).
+        if self.threads == 1 or len(texts) < 2:
+            return [self.encoding.encode_ordinary(t) for t in texts]
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="lmkiln-encode")
+        bounds = _balanced_bounds([len(t) for t in texts], self.threads)
+        chunks = [texts[a:b] for a, b in zip(bounds, bounds[1:])]
+        encode = self.encoding.encode_ordinary
+        parts = self.pool.map(lambda chunk: [encode(t) for t in chunk], chunks)
+        return [ids for part in parts for ids in part]
+
+
+def _balanced_bounds(lengths: list[int], parts: int) -> list[int]:
+    """Cut points that split a list into `parts` contiguous runs of about equal total length."""
+    total = sum(lengths)
+    bounds, running, target = [0], 0, total / parts
+    for index, length in enumerate(lengths):
+        running += length
+        if running >= target * len(bounds) and len(bounds) < parts:
+            bounds.append(index + 1)
+    bounds.append(len(lengths))
+    return bounds
+
+
+class CharTable:
+    name = "char-table"
+
+    def __init__(self, spec: dict, reference: Tokenizer) -> None:
+        vocab = spec["model"]["vocab"]
+        singles = {ord(tok): i for tok, i in vocab.items() if len(tok) == 1}
+        self.table = np.full(max(singles) + 1, -1, dtype=np.int64)
+        for codepoint, token_id in singles.items():
+            self.table[codepoint] = token_id
+        self.reference = reference
+
+    def encode_one(self, text: str) -> list[int]:
+        points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        if points.size and points.max() < self.table.size:
+            ids = self.table[points]
+            if ids.min(initial=0) >= 0:
+                return ids.tolist()
+        return self.reference.encode_batch_reference([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode_one(t) for t in texts]
+
+
+def _is_gpt2_byte_level(spec: dict) -> bool:
+    pre = spec.get("pre_tokenizer") or {}
+    model = spec.get("model") or {}
+    return (
+        model.get("type") == "BPE"
+        and not spec.get("normalizer")
+        and pre.get("type") == "ByteLevel"
+        and pre.get("use_regex", True)
+        and not pre.get("add_prefix_space")
+        and not model.get("byte_fallback")
+        and not model.get("dropout")
+        and not model.get("continuing_subword_prefix")
+        and not model.get("end_of_word_suffix")
+    )
+
+
+def _is_char_table(spec: dict) -> bool:
+    model = spec.get("model") or {}
+    return (
+        model.get("type") == "BPE"
+        and not model.get("merges")
+        and model.get("byte_fallback")
+        and not spec.get("normalizer")
+        and not spec.get("pre_tokenizer")
+    )
+
+
+def build_fast_encoder(tokenizer: Tokenizer) -> FastEncoder | None:
+    """A verified fast encoder for this tokenizer, or None when none applies or it disagrees."""
+    spec = json.loads(tokenizer.json)
+    if any(not t.get("special") for t in spec.get("added_tokens", [])):
+        return None  # non-special added tokens are matched inside raw text; only the reference does that
+    encoder: FastEncoder | None = None
+    if _is_gpt2_byte_level(spec):
+        try:
+            encoder = TiktokenBPE(spec, threads=max(1, os.cpu_count() or 1))
+        except ImportError:
+            return None
+    elif _is_char_table(spec):
+        encoder = CharTable(spec, tokenizer)
+    if encoder is None:
+        return None
+    probe = [PROBE_TEXT, PROBE_TEXT[::-1], " " + PROBE_TEXT.upper()]
+    if encoder.encode_batch(probe) != tokenizer.encode_batch_reference(probe):
+        log.warning(
+            "fast %s encoder disagrees with tokenizers on the probe text; using tokenizers", encoder.name
+        )
+        return None
+    return encoder
+
+
+def verified_encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Fast-path ids for a batch, with a slice of the batch re-encoded by the reference and compared.
+
+    Raises FastPathMismatch (and turns the fast path off for this tokenizer) on any difference, so
+    the caller can redo its work with the reference encoder.
+    """
+    ids = tokenizer.encode_batch(texts)
+    if tokenizer.fast_path != "tokenizers" and texts:
+        longest = max(range(len(texts)), key=lambda i: len(texts[i]))
+        for index in {0, longest}:
+            sample = texts[index][:VERIFY_CHARS]
+            fast = ids[index] if len(texts[index]) <= VERIFY_CHARS else tokenizer.encode_batch([sample])[0]
+            if fast != tokenizer.encode_batch_reference([sample])[0]:
+                tokenizer.disable_fast_path()
+                raise FastPathMismatch(
+                    f"fast encoder disagreed with tokenizers on document {index} of a batch"
+                )
+    return ids

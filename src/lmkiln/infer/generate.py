@@ -1,0 +1,192 @@
+"""Sampling from a language model with a KV cache: batched, seeded, streaming.
+
+Prompts of different lengths are left-padded; an attention mask hides the padding and position
+ids count real tokens only, so every row is generated exactly as it would be alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lmkiln.data.tokenizer import Tokenizer
+from lmkiln.errors import LmkilnError
+from lmkiln.model.transformer import KVCache
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 200
+    """Upper bound on generated tokens per prompt."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 means greedy decoding."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (0 = all)."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens whose probability reaches p."""
+    seed: int | None = None
+    """Seed for reproducible samples."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end generation (not included in the output)."""
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """(B, V) logits with everything outside top-k / top-p set to -inf."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        beyond = probs.cumsum(dim=-1) - probs > top_p  # keep the token that crosses p
+        sorted_logits = sorted_logits.masked_fill(beyond, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) logits of the last position -> (B,) next token ids."""
+    if sampling.temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / sampling.temperature, sampling.top_k, sampling.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_ids(
+    model: nn.Module,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    eos_id: int | None,
+    pad_id: int = 0,
+    use_cache: bool = True,
+    on_tokens: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+) -> list[list[int]]:
+    """New token ids for each prompt, stopping at EOS (excluded) or max_new_tokens.
+
+    `on_tokens(tokens (B,), active (B,))` is called after every step with the rows whose token is
+    real output; it may return a (B,) mask of rows to stop (stop strings, streaming). `use_cache=False` recomputes
+    the whole sequence every step: slower, and the reference the cache is tested against.
+    """
+    if any(len(p) == 0 for p in prompts):
+        raise LmkilnError("every prompt needs at least one token")
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    longest = max(len(p) for p in prompts)
+    if longest >= cfg.block_size:
+        raise LmkilnError(
+            f"prompt of {longest} tokens leaves no room in the model's context of {cfg.block_size}"
+        )
+    steps = min(sampling.max_new_tokens, cfg.block_size - longest)
+    B = len(prompts)
+    width = longest + steps
+    ids = torch.full((B, width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((B, width), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt) : longest] = torch.tensor(prompt, device=device)
+        mask[row, longest - len(prompt) : longest] = 1
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    cache = KVCache.empty(cfg, B, width, device, next(model.parameters()).dtype) if use_cache else None
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    out: list[list[int]] = [[] for _ in range(B)]
+    length = longest
+    for _ in range(steps):
+        positions = (mask[:, :length].cumsum(dim=1) - 1).clamp(min=0)
+        if cache is None:
+            logits = model(ids[:, :length], attention_mask=mask[:, :length], position_ids=positions)
+        else:
+            start = cache.length
+            logits = model(
+                ids[:, start:length],
+                attention_mask=mask[:, :length],
+                position_ids=positions[:, start:length],
+                cache=cache,
+            )
+        token = sample_next(logits[:, -1], sampling, generator)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        is_eos = token == eos_id if eos_id is not None else torch.zeros_like(finished)
+        active = ~finished & ~is_eos  # rows whose token is real output
+        finished = finished | is_eos
+        ids[:, length] = token
+        mask[:, length] = 1
+        length += 1
+        for row, (keep, value) in enumerate(zip(active.tolist(), token.tolist())):
+            if keep:
+                out[row].append(value)
+        if on_tokens is not None:
+            stop_rows = on_tokens(token, active)
+            if stop_rows is not None:
+                finished = finished | stop_rows
+        if bool(finished.all()):
+            break
+    return out
+
+
+class TextStream:
+    """Turns growing token lists into text deltas: holds back a cut UTF-8 sequence or a stop prefix."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.stopped = False
+
+    def text(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special=True)
+        for stop in self.stop:
+            at = text.find(stop)
+            if at >= 0:
+                self.stopped = True
+                text = text[:at]
+        return text
+
+    def push(self, token: int) -> str:
+        """Add a token; return the newly safe-to-show text."""
+        self.ids.append(token)
+        text = self.text()
+        safe = text
+        if not self.stopped:
+            safe = text.rstrip("\ufffd")
+            for stop in self.stop:  # a suffix that could still grow into a stop string waits
+                for k in range(min(len(stop) - 1, len(safe)), 0, -1):
+                    if safe.endswith(stop[:k]):
+                        safe = safe[:-k]
+                        break
+        delta = safe[len(self.emitted) :] if safe.startswith(self.emitted) else ""
+        self.emitted += delta
+        return delta
+
+
+def generate_text(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    sampling: Sampling,
+    on_text: Callable[[int, str], None] | None = None,
+    encode_template: bool = False,
+) -> list[str]:
+    """Complete each prompt; `on_text(row, delta)` streams text as it is produced."""
+    encode = tokenizer.encode_template if encode_template else tokenizer.encode
+    # An empty prompt starts a fresh document: in pretraining streams documents follow an EOS.
+    prompt_ids = [encode(p) or [tokenizer.eos_id] for p in prompts]
+    streams = [TextStream(tokenizer, sampling.stop) for _ in prompts]
+
+    def on_tokens(tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        stop_rows = torch.zeros_like(active)
+        for row, (keep, token) in enumerate(zip(active.tolist(), tokens.tolist())):
+            if keep:
+                delta = streams[row].push(token)
+                if delta and on_text is not None:
+                    on_text(row, delta)
+            stop_rows[row] = streams[row].stopped
+        return stop_rows
+
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    generate_ids(model, prompt_ids, sampling, tokenizer.eos_id, pad, on_tokens=on_tokens)
+    return [stream.text() for stream in streams]

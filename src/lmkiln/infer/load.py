@@ -1,0 +1,53 @@
+"""Load a trained model for inference from a run directory or one of its checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmkiln.config import Config, from_dict
+from lmkiln.data.tokenizer import Tokenizer
+from lmkiln.errors import LmkilnError
+from lmkiln.model.transformer import Transformer
+from lmkiln.train import checkpoint as ckpt
+from lmkiln.train.loop import load_model_tensors
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Tokenizer
+    cfg: Config
+    checkpoint: Path
+    step: int
+
+
+def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(run directory, newest complete checkpoint) for a run directory or a checkpoint directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LmkilnError(f"run directory not found: {path}")
+    if (path / ckpt.MANIFEST).is_file():
+        return path.parent.parent, path
+    checkpoint = ckpt.latest_checkpoint(path / "checkpoints")
+    if checkpoint is None:
+        raise LmkilnError(
+            f"{path} has no complete checkpoint; train first (lmkiln train --train.run_dir {path})"
+        )
+    return path, checkpoint
+
+
+def load_run(path: str | Path, device: str = "cpu") -> LoadedModel:
+    run_dir, checkpoint = find_checkpoint(path)
+    tokenizer_dir = run_dir / "tokenizer"
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise LmkilnError(f"{run_dir} has no tokenizer/tokenizer.json; it is not a complete lmkiln run")
+    saved = ckpt.read_checkpoint(checkpoint)
+    cfg = from_dict(saved.trainer["config"], f"{checkpoint}/trainer.json")
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    model = Transformer(cfg.model)
+    load_model_tensors(model, saved.model, str(checkpoint / "model.safetensors"))
+    model.to(torch.device(device)).eval()
+    return LoadedModel(model, tokenizer, cfg, checkpoint, saved.trainer["state"]["step"])

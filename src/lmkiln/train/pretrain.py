@@ -1,0 +1,244 @@
+"""Language-model pretraining: corpus → tokenizer → shards → transformer → the training loop."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmkiln.config import Config, ModelConfig
+from lmkiln.data.loader import RandomWindows, eval_windows
+from lmkiln.data.prepare import TokenizerReport, build_tokenizer
+from lmkiln.data.shards import PrepareReport, TokenShards, is_shard_set, prepare_shards
+from lmkiln.data.tokenizer import Tokenizer
+from lmkiln.errors import LmkilnError
+from lmkiln.model.transformer import Transformer, count_parameters, training_flops_per_token
+from lmkiln.train.loop import FitResult, Trainer, TrainSetup
+from lmkiln.train.objectives import LanguageModelLoss
+from lmkiln.train.optim import build_optimizer
+from lmkiln.train.run import prepare_run_dir, run_dir_of
+from lmkiln.train.runtime import Runtime
+
+log = logging.getLogger("lmkiln")
+
+SHAPE_FIELDS = (
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "d_model",
+    "d_ff",
+    "block_size",
+    "vocab_size",
+    "norm",
+    "position",
+    "mlp",
+    "bias",
+    "tie_embeddings",
+)
+
+
+def resolve_vocab(cfg: ModelConfig, tokenizer: Tokenizer) -> None:
+    if cfg.vocab_size == 0:
+        cfg.vocab_size = tokenizer.vocab_size
+    elif cfg.vocab_size < tokenizer.vocab_size:
+        raise LmkilnError(
+            f"model.vocab_size {cfg.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({tokenizer.vocab_size}); set it to 0 to use the tokenizer's size"
+        )
+
+
+def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> Transformer:
+    torch.manual_seed(seed)  # the same seed gives the same initial weights on every rank
+    return Transformer(cfg).to(device)
+
+
+def wrap_for_training(model: nn.Module, cfg: Config, runtime: Runtime) -> nn.Module:
+    """DDP across processes, then optional torch.compile; the unwrapped model keeps the weights."""
+    train_model = model
+    if runtime.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        train_model = DistributedDataParallel(model, device_ids=ids)
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
+    return train_model
+
+
+def lm_evaluator(shards: TokenShards, cfg: Config, eos_id: int | None):
+    """Validation loss, perplexity and bits per byte over fixed windows, sharded across ranks."""
+    arrays = shards.arrays("val")
+    bytes_per_token = shards.bytes_per_token("val")
+    micro = cfg.train.micro_batch_size or cfg.train.batch_size
+
+    def evaluate(model: nn.Module, runtime: Runtime) -> dict[str, float]:
+        loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
+        count = torch.zeros((), device=runtime.device, dtype=torch.float64)
+        objective = LanguageModelLoss()
+        for index, batch in enumerate(
+            eval_windows(arrays, cfg.train.seq_len, micro, cfg.train.eval_tokens, eos_id)
+        ):
+            if index % runtime.world_size != runtime.rank:
+                continue
+            batch = {k: v.to(runtime.device) for k, v in batch.items()}
+            loss_sum += objective(model, batch).double()
+            count += objective.count(batch).double()
+        runtime.all_reduce_sum(loss_sum)
+        runtime.all_reduce_sum(count)
+        loss = (loss_sum / count.clamp(min=1)).item()
+        return {
+            "val_loss": loss,
+            "val_ppl": math.exp(min(loss, 50.0)),
+            "val_bpb": loss / math.log(2) / bytes_per_token,
+        }
+
+    return evaluate if sum(len(a) for a in arrays) >= 2 else None
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    fit: FitResult
+    model: Transformer
+    tokenizer: Tokenizer
+    tokenizer_report: TokenizerReport | None
+    shards_report: PrepareReport | None
+    parameters: int
+
+
+def _describe(
+    cfg: Config,
+    runtime: Runtime,
+    tok: TokenizerReport,
+    shards: PrepareReport,
+    model: nn.Module,
+    run_dir: Path,
+) -> None:
+    splits = shards.shards.manifest["splits"]
+    how = "cached" if tok.cached else f"trained in {tok.seconds:.2f} s"
+    log.info("run: %s (recipe %s)", run_dir, cfg.name)
+    log.info(
+        "tokenizer: %s, %d tokens (%s), %.2f bytes/token on held-out text",
+        cfg.tokenizer.kind,
+        tok.tokenizer.vocab_size,
+        how,
+        tok.bytes_per_token,
+    )
+    speed = "cached" if shards.cached else f"prepared at {shards.mb_per_s:.1f} MB/s"
+    log.info(
+        "data: %s → %s train / %s validation tokens (%s)",
+        cfg.data.corpus,
+        f"{splits['train']['tokens']:,}",
+        f"{splits['val']['tokens']:,}",
+        speed,
+    )
+    m = cfg.model
+    flops = training_flops_per_token(m, cfg.train.seq_len)
+    log.info(
+        "model: %.2fM parameters (%d layers, width %d, %d/%d heads, %s/%s/%s), %.1f MFLOP per token",
+        count_parameters(model) / 1e6,
+        m.n_layer,
+        m.d_model,
+        m.n_head,
+        m.kv_heads,
+        m.norm,
+        m.position,
+        m.mlp,
+        flops / 1e6,
+    )
+    precision = (
+        "fp32" if runtime.autocast_dtype is None else str(runtime.autocast_dtype).replace("torch.", "")
+    )
+    t = cfg.train
+    log.info(
+        "training: %d steps × %d sequences × %d tokens on %s (%s, %d threads, %d process%s)",
+        t.max_steps,
+        t.batch_size,
+        t.seq_len,
+        runtime.device,
+        precision,
+        torch.get_num_threads(),
+        runtime.world_size,
+        "es" if runtime.world_size > 1 else "",
+    )
+
+
+def prepare_data(cfg: Config) -> tuple[TokenizerReport, PrepareReport]:
+    """The tokenizer and the shards of a config; a prepared shard set is used as it is."""
+    if is_shard_set(cfg.data.corpus):
+        shards = TokenShards(Path(cfg.data.corpus).expanduser())
+        if cfg.tokenizer.kind == "file":
+            report = build_tokenizer(cfg)
+        else:
+            tokenizer = Tokenizer.load(shards.directory / "tokenizer", fast=cfg.tokenizer.fast)
+            report = TokenizerReport(tokenizer, True, 0.0, float("nan"))
+        shards.check_tokenizer(report.tokenizer)
+        return report, PrepareReport(shards, cached=True, seconds=0.0, megabytes=0.0)
+    report = build_tokenizer(cfg)
+    return report, prepare_shards(cfg.data, report.tokenizer)
+
+
+def pretrain(
+    cfg: Config,
+    resume: str | None = None,
+    force: bool = False,
+    overwrite: bool = False,
+    runtime: Runtime | None = None,
+) -> PretrainResult:
+    runtime = runtime or Runtime.start(cfg.train)
+    tok_report = shard_report = None
+    if runtime.is_main:
+        tok_report, shard_report = prepare_data(cfg)
+        tokenizer = tok_report.tokenizer
+        resolve_vocab(cfg.model, tokenizer)
+        run_dir = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
+        tokenizer.save(run_dir / "tokenizer")
+    runtime.barrier()
+    if not runtime.is_main:  # the main process prepared everything; the others open the same files
+        tok_report, shard_report = prepare_data(cfg)
+        tokenizer = tok_report.tokenizer
+        resolve_vocab(cfg.model, tokenizer)
+        run_dir = run_dir_of(cfg)
+    shards = shard_report.shards
+    shards.check_tokenizer(tokenizer)
+
+    model = build_model(cfg.model, runtime.device, cfg.train.seed)
+    if runtime.is_main:
+        _describe(cfg, runtime, tok_report, shard_report, model, run_dir)
+    train_model = wrap_for_training(model, cfg, runtime)
+    optimizer = build_optimizer(model, cfg.optim)
+    micro = cfg.train.micro_batch_size or cfg.train.batch_size
+    eos = tokenizer.eos_id if cfg.data.document_mask else None
+    batches = RandomWindows(
+        shards.arrays("train"), cfg.train.seq_len, micro, cfg.train.seed, runtime.rank, eos
+    )
+    evaluate = lm_evaluator(shards, cfg, eos)
+    fingerprint = {
+        "train.batch_size": cfg.train.batch_size,
+        "train.micro_batch_size": micro,
+        "train.seq_len": cfg.train.seq_len,
+        "world_size": runtime.world_size,
+        "tokenizer": tokenizer.fingerprint[:16],
+        "data": shards.directory.name,
+        **{f"model.{k}": getattr(cfg.model, k) for k in SHAPE_FIELDS},
+    }
+    setup = TrainSetup(
+        model=model,
+        train_model=train_model,
+        objective=LanguageModelLoss(),
+        train_batches=batches,
+        optimizer=optimizer,
+        total_steps=cfg.train.max_steps,
+        evaluate=evaluate,
+        fingerprint=fingerprint,
+        flops_per_token=training_flops_per_token(cfg.model, cfg.train.seq_len),
+    )
+    trainer = Trainer(setup, cfg, runtime, run_dir)
+    result = trainer.fit(resume=resume, force=force)
+    return PretrainResult(
+        run_dir, result, model, tokenizer, tok_report, shard_report, count_parameters(model)
+    )

@@ -1,0 +1,122 @@
+"""Where and how training runs: device, precision, threads and the process group.
+
+All rank-dependent behaviour asks `Runtime.is_main`. Launched by `torchrun`, the RANK/WORLD_SIZE
+environment variables make this a process group member (gloo on CPU, nccl on CUDA); otherwise
+it is a single process and every collective is a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from lmkiln.config import TrainConfig
+from lmkiln.errors import LmkilnError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LmkilnError("train.device=cuda but no CUDA device is available; use --train.device auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise LmkilnError("train.device=mps but MPS is not available; use --train.device auto")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if name == "auto":
+        return torch.bfloat16 if bf16_ok else None
+    if name == "bf16":
+        return torch.bfloat16
+    return None
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    timeout_s: float = 600.0
+    _group_started: bool = field(default=False, repr=False)
+
+    @classmethod
+    def start(cls, cfg: TrainConfig) -> Runtime:
+        """Set threads, join the process group if launched by torchrun, pick device and precision."""
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        device = resolve_device(cfg.device)
+        if device.type == "cuda" and world_size > 1:
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        runtime = cls(device, resolve_precision(cfg.precision, device), rank, world_size, local_rank)
+        if world_size > 1 and not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=runtime.timeout_s))
+            runtime._group_started = True
+        return runtime
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+    def all_reduce_max(self, value: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return value
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def shutdown(self) -> None:
+        if self._group_started and dist.is_initialized():
+            dist.destroy_process_group()
+            self._group_started = False
+
+
+def measure_matmul_peak(
+    device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 6
+) -> float:
+    """Best observed FLOP/s of a square matmul: the denominator of MFU on this machine."""
+    import time
+
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        (a @ b).sum().item()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best

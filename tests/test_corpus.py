@@ -1,0 +1,72 @@
+"""Corpus readers and their bad-input errors (each names the file and line)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import write
+
+from lmkiln.data.corpus import iter_documents, resolve_sources
+from lmkiln.errors import LmkilnError
+
+
+def docs(spec, **kw):
+    return [d.text for d in iter_documents(str(spec), **kw)]
+
+
+def test_builtin_corpus_needs_no_download():
+    texts = docs("builtin:pydoc")
+    assert len(texts) > 50 and sum(map(len, texts)) > 300_000
+
+
+def test_text_units(tmp_path):
+    f = write(tmp_path / "a.txt", "one\ntwo\n\n\nthree\n")
+    assert docs(f, text_unit="paragraph") == ["one\ntwo", "three"]
+    assert docs(f, text_unit="line") == ["one", "two", "three"]
+    assert docs(f, text_unit="file") == ["one\ntwo\n\n\nthree\n"]
+
+
+def test_jsonl_csv_parquet_directories_and_globs(tmp_path):
+    write(tmp_path / "d/a.jsonl", "\n".join(json.dumps({"body": t}) for t in ["x", "y"]) + "\n")
+    write(tmp_path / "d/b.csv", 'body,other\n"multi\nline",1\nz,2\n')
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["p1", None, "p2"]}), tmp_path / "d/c.parquet")
+    assert docs(tmp_path / "d", field="body") == ["x", "y", "multi\nline", "z", "p1", "p2"]
+    assert docs(tmp_path / "d" / "*.jsonl", field="body") == ["x", "y"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"text": "ok"}\n{"text": \n', r"bad.jsonl:2: not valid JSON"),
+        ('{"text": "ok"}\n[1, 2]\n', r"bad.jsonl:2: expected a JSON object, got list"),
+        (
+            '{"text": "ok"}\n\n{"body": "x"}\n',
+            r"bad.jsonl:3: no field 'text' \(fields: body\); choose one with --data.field",
+        ),
+        ('{"text": 5}\n', r"bad.jsonl:1: field 'text' must be a string, got int"),
+    ],
+)
+def test_bad_jsonl_lines_name_file_and_line(tmp_path, content, message):
+    f = write(tmp_path / "bad.jsonl", content)
+    with pytest.raises(LmkilnError, match=message):
+        docs(f)
+
+
+def test_non_utf8_bytes_report_line_and_byte_offset(tmp_path):
+    f = write(tmp_path / "latin.txt", "fine line\nsecond caf\xe9 line\n".encode("latin-1"))
+    with pytest.raises(LmkilnError, match=r"latin.txt:2: not valid UTF-8 \(byte 0xe9 at byte offset 20"):
+        docs(f)
+
+
+def test_missing_corpus_and_csv_column(tmp_path):
+    with pytest.raises(LmkilnError, match="corpus not found"):
+        resolve_sources(str(tmp_path / "nope.txt"))
+    with pytest.raises(LmkilnError, match="matches no files"):
+        resolve_sources(str(tmp_path / "*.jsonl"))
+    f = write(tmp_path / "t.csv", "a,b\n1,2\n")
+    with pytest.raises(LmkilnError, match=r"t.csv:1: no column 'text' \(columns: a, b\)"):
+        docs(f)

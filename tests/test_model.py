@@ -1,0 +1,96 @@
+"""The transformer's invariants: causality, KV cache, document masks, GQA, sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmkiln.config import ModelConfig
+from lmkiln.model.transformer import KVCache, Transformer, count_parameters, training_flops_per_token
+
+LLAMA = dict(vocab_size=97, d_model=64, n_head=4, n_kv_head=2, n_layer=2, block_size=48)
+GPT2 = dict(
+    vocab_size=97,
+    d_model=64,
+    n_head=4,
+    n_layer=2,
+    block_size=48,
+    norm="layer",
+    position="learned",
+    mlp="gelu",
+    bias=True,
+    tie_embeddings=False,
+)
+STYLES = {
+    "llama-gqa": LLAMA,
+    "gpt2": GPT2,
+    "llama-mha-untied": {**LLAMA, "n_kv_head": 0, "tie_embeddings": False},
+}
+
+
+def model(**kw) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**kw)).eval()
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_causality_future_tokens_do_not_change_past_logits(style):
+    m = model(**STYLES[style])
+    x = torch.randint(0, 97, (2, 20))
+    y = x.clone()
+    y[:, 12:] = torch.randint(0, 97, (2, 8))
+    a, b = m(x), m(y)
+    assert torch.equal(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_kv_cache_matches_full_recomputation(style):
+    m = model(**STYLES[style])
+    x = torch.randint(0, 97, (3, 24))
+    full = m(x)
+    cache = KVCache.empty(m.cfg, 3, 48, x.device, torch.float32)
+    pieces = [m(x[:, :10], cache=cache)] + [m(x[:, t : t + 1], cache=cache) for t in range(10, 20)]
+    pieces.append(m(x[:, 20:], cache=cache))
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_documents_do_not_attend_to_each_other():
+    m = model(**LLAMA)
+    a, b = torch.randint(0, 97, (1, 7)), torch.randint(0, 97, (1, 9))
+    packed = torch.cat([a, b], dim=1)
+    doc_ids = torch.tensor([[0] * 7 + [1] * 9])
+    positions = torch.cat([torch.arange(7), torch.arange(9)])[None]
+    out = m(packed, doc_ids=doc_ids, position_ids=positions)
+    torch.testing.assert_close(out[:, :7], m(a), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, 7:], m(b), atol=1e-5, rtol=1e-5)
+    # without the mask, the second document would see the first
+    assert not torch.allclose(m(packed, position_ids=positions)[:, 7:], m(b), atol=1e-3)
+
+
+def test_left_padding_with_mask_equals_unpadded():
+    m = model(**GPT2)
+    x = torch.randint(0, 97, (1, 10))
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), x], dim=1)
+    mask = torch.tensor([[0] * 4 + [1] * 10])
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    out = m(padded, attention_mask=mask, position_ids=positions)
+    torch.testing.assert_close(out[:, 4:], m(x), atol=1e-5, rtol=1e-5)
+
+
+def test_tied_embeddings_share_storage_and_count_once():
+    tied, untied = model(**LLAMA), model(**{**LLAMA, "tie_embeddings": False})
+    assert tied.lm_head.weight is tied.tok_embed.weight
+    assert count_parameters(untied) - count_parameters(tied) == 97 * 64
+
+
+def test_flops_per_token_formula():
+    cfg = ModelConfig(vocab_size=1000, d_model=128, n_head=4, n_layer=2, d_ff=512, mlp="gelu", block_size=64)
+    matmul = 2 * (128 * 3 * 128 + 128 * 128 + 2 * 128 * 512) + 128 * 1000
+    assert training_flops_per_token(cfg, 64) == 6 * matmul + 12 * 2 * 128 * 64
+
+
+def test_context_longer_than_block_size_is_refused():
+    m = model(**LLAMA)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        m(torch.zeros(1, 49, dtype=torch.long))
