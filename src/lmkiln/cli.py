@@ -10,7 +10,6 @@ import logging
 import os
 import shlex
 import sys
-import time
 from collections.abc import Callable
 
 from lmkiln.errors import Interrupted, LmkilnError
@@ -136,13 +135,15 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     if args.print_config:
         _print_config(cfg)
         return 0
-    from lmkiln.train.pretrain import pretrain
+    from lmkiln.tasks import run_task
 
-    started = time.perf_counter()
-    result = pretrain(cfg, resume=args.resume, force=args.force, overwrite=args.overwrite)
-    if not _is_main():
-        return 0
-    _print_train_summary(cfg, args, result, time.perf_counter() - started)
+    result = run_task(cfg, resume=args.resume, force=args.force, overwrite=args.overwrite)
+    if _is_main():
+        print(result.summary())
+        print(
+            f"  lmkiln train {_recipe_args(args)}--train.run_dir {result.run_dir} --resume auto "
+            f"--train.max_steps {cfg.train.max_steps * 2}   # continue training"
+        )
     return 0
 
 
@@ -151,7 +152,7 @@ def _is_main() -> bool:
 
 
 def _exec_torchrun(nproc: int) -> int:
-    argv = [a for a in sys.argv[1:]]
+    argv = list(sys.argv[1:])
     at = argv.index("--nproc")
     del argv[at : at + 2]
     command = [
@@ -167,44 +168,6 @@ def _exec_torchrun(nproc: int) -> int:
     print(f"exec: {_quote(command)}", file=sys.stderr)
     os.execv(sys.executable, command)
     return 0  # not reached
-
-
-def _print_train_summary(cfg, args, result, seconds: float) -> None:
-    from lmkiln.infer.generate import Sampling, generate_text
-    from lmkiln.train.observe import format_count, format_duration
-
-    fit = result.fit
-    state = fit.state
-    before, after = fit.first_eval.get("val_loss"), fit.last_eval.get("val_loss")
-    line = (
-        f"trained {state.step} steps, {format_count(state.tokens_seen)} tokens in "
-        f"{format_duration(state.train_seconds)} ({format_count(state.tokens_seen / max(state.train_seconds, 1e-9))} tok/s)"
-    )
-    print(line)
-    if after is not None:
-        start = f"{before:.3f} → " if before is not None else ""
-        print(
-            f"validation loss {start}{after:.3f} (perplexity {fit.last_eval['val_ppl']:.1f}, "
-            f"{fit.last_eval['val_bpb']:.3f} bits/byte); stopped by {fit.stop_reason}"
-        )
-    print(
-        f"run directory: {result.run_dir} (config.yaml, tokenizer/, checkpoints/, metrics.jsonl, plots/loss.png)"
-    )
-    if cfg.train.sample_tokens > 0:
-        text = generate_text(
-            result.model.eval(),
-            result.tokenizer,
-            [""],
-            Sampling(max_new_tokens=cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=0),
-        )[0]
-        print("sample:\n  " + text.strip().replace("\n", "\n  "))
-    run = str(result.run_dir)
-    print("next:")
-    print(f'  lmkiln generate {run} --prompt "The " --max-new-tokens 100     # sample more')
-    print(
-        f"  lmkiln train {_recipe_args(args)}--resume auto --train.max_steps {cfg.train.max_steps * 2}"
-        f"   # continue training"
-    )
 
 
 def _recipe_args(args) -> str:

@@ -222,6 +222,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     name: str = "default"
     """Name of the run (the recipe name unless set)."""
+    task: Literal["pretrain"] = "pretrain"
+    """What `lmkiln train` builds and trains (see lmkiln/tasks.py)."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -108,6 +108,40 @@ class PretrainResult:
     tokenizer_report: TokenizerReport | None
     shards_report: PrepareReport | None
     parameters: int
+    cfg: Config
+
+    def summary(self) -> str:
+        """Figures of the run and a short sample, as `lmkiln train` prints them."""
+        from lmkiln.infer.generate import Sampling, generate_text
+        from lmkiln.train.observe import format_count, format_duration
+
+        fit, state = self.fit, self.fit.state
+        rate = state.tokens_seen / max(state.train_seconds, 1e-9)
+        lines = [
+            f"trained {state.step} steps, {format_count(state.tokens_seen)} tokens in "
+            f"{format_duration(state.train_seconds)} ({format_count(rate)} tok/s)"
+        ]
+        before, after = fit.first_eval.get("val_loss"), fit.last_eval.get("val_loss")
+        if after is not None:
+            start = f"{before:.3f} → " if before is not None else ""
+            lines.append(
+                f"validation loss {start}{after:.3f} (perplexity {fit.last_eval['val_ppl']:.1f}, "
+                f"{fit.last_eval['val_bpb']:.3f} bits/byte); stopped by {fit.stop_reason}"
+            )
+        lines.append(
+            f"run directory: {self.run_dir} (config.yaml, tokenizer/, checkpoints/, metrics.jsonl, "
+            f"plots/loss.png)"
+        )
+        if self.cfg.train.sample_tokens > 0:
+            sampling = Sampling(
+                max_new_tokens=self.cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=0
+            )
+            text = generate_text(self.model.eval(), self.tokenizer, [""], sampling)[0]
+            lines.append("sample:\n  " + text.strip().replace("\n", "\n  "))
+        lines.append(
+            f'next:\n  lmkiln generate {self.run_dir} --prompt "The " --max-new-tokens 100   # sample more'
+        )
+        return "\n".join(lines)
 
 
 def _describe(
@@ -240,5 +274,5 @@ def pretrain(
     trainer = Trainer(setup, cfg, runtime, run_dir)
     result = trainer.fit(resume=resume, force=force)
     return PretrainResult(
-        run_dir, result, model, tokenizer, tok_report, shard_report, count_parameters(model)
+        run_dir, result, model, tokenizer, tok_report, shard_report, count_parameters(model), cfg
     )
