@@ -176,7 +176,7 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sourc
     model.load_state_dict(tensors, strict=False)
 
 
-class Trainer:
+class TrainLoop:
     """Runs the loop for one `TrainSetup`; use `fit()`."""
 
     def __init__(self, setup: TrainSetup, cfg: Config, runtime: Runtime, run_dir: Path | None) -> None:

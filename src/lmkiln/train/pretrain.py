@@ -17,7 +17,7 @@ from lmkiln.data.shards import PrepareReport, TokenShards, is_shard_set, prepare
 from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.errors import LmkilnError
 from lmkiln.model.transformer import Transformer, count_parameters, training_flops_per_token
-from lmkiln.train.loop import FitResult, Trainer, TrainSetup
+from lmkiln.train.loop import FitResult, TrainLoop, TrainSetup
 from lmkiln.train.objectives import LanguageModelLoss
 from lmkiln.train.optim import build_optimizer
 from lmkiln.train.run import prepare_run_dir, run_dir_of
@@ -271,7 +271,7 @@ def pretrain(
         fingerprint=fingerprint,
         flops_per_token=training_flops_per_token(cfg.model, cfg.train.seq_len),
     )
-    trainer = Trainer(setup, cfg, runtime, run_dir)
+    trainer = TrainLoop(setup, cfg, runtime, run_dir)
     result = trainer.fit(resume=resume, force=force)
     return PretrainResult(
         run_dir, result, model, tokenizer, tok_report, shard_report, count_parameters(model), cfg
