@@ -103,8 +103,14 @@ class TokenShards:
                 f"{self.directory} is not a complete shard set (no manifest.json); "
                 f"run `lmkiln data prepare` again"
             )
-        self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        self.dtype = np.dtype(self.manifest["dtype"])
+        try:
+            self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            self.dtype = np.dtype(self.manifest["dtype"])
+            assert self.dtype in (np.uint16, np.uint32)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
+            raise LmkilnError(
+                f"{manifest_path}: not a valid shard manifest; prepare the shards again"
+            ) from None
         self._arrays: dict[str, list[np.memmap]] = {}
 
     def tokens(self, split: str) -> int:

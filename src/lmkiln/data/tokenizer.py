@@ -169,15 +169,21 @@ def _read_tokenizer_config(directory: Path) -> dict:
     if not file.is_file():
         return {}
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise LmkilnError(f"{file}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LmkilnError(f"{file}: not a valid JSON file ({err})") from None
+    if not isinstance(config, dict):
+        raise LmkilnError(f"{file}: expected a JSON object")
+    return config
 
 
 def _chat_template(directory: Path, config: dict) -> str | None:
     jinja = directory / "chat_template.jinja"  # transformers 5 writes the template beside the config
     if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise LmkilnError(f"{jinja}: not a UTF-8 text file") from None
     template = config.get("chat_template")
     return template if isinstance(template, str) else None
 

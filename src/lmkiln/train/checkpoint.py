@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmkiln.errors import LmkilnError
@@ -173,7 +174,7 @@ def read_checkpoint(path: Path, verify: bool = True) -> CheckpointData:
             tensors("rng.safetensors"),
             trainer,
         )
-    except (json.JSONDecodeError, OSError, RuntimeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, RuntimeError, SafetensorError) as err:
         raise CorruptCheckpoint(f"{path}: unreadable checkpoint ({err})") from None
 
 

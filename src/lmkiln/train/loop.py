@@ -279,11 +279,12 @@ class TrainLoop:
                 log.info("no complete checkpoint in %s; starting from scratch", self.ckpt_root)
                 return None
         else:
-            path = Path(resume)
-            if not path.is_dir():
+            path = Path(resume) if Path(resume).is_dir() else self.ckpt_root / resume
+            if not (path / ckpt.MANIFEST).is_file():
                 available = [p.name for _, p in ckpt.list_checkpoints(self.ckpt_root)]
                 raise LmkilnError(
-                    f"checkpoint not found: {resume} (available: {', '.join(available) or 'none'})"
+                    f"checkpoint not found: {resume} (available in {self.ckpt_root}: "
+                    f"{', '.join(available) or 'none'})"
                 )
         self.restore(path, force=force)
         return path
@@ -302,7 +303,7 @@ class TrainLoop:
             else RunLog.disabled()
         )
         if resumed is not None:
-            self.log.message(f"resumed from {resumed} at step {self.state.step} ({resume_seconds:.1f}s)")
+            log.info("resumed from %s at step %d (%.1f s)", resumed, self.state.step, resume_seconds)
             self.log.record(
                 "resume", {"step": self.state.step, "seconds": resume_seconds, "path": str(resumed)}
             )

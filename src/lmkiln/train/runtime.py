@@ -110,8 +110,10 @@ def measure_matmul_peak(
     """Best observed FLOP/s of a square matmul: the denominator of MFU on this machine."""
     import time
 
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    # A private generator: touching the global RNG here would break bit-exact resume.
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     best = float("inf")
     for _ in range(repeats + 1):
         if device.type == "cuda":
