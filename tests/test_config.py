@@ -7,8 +7,6 @@ import pytest
 from lmkiln.config import (
     MODEL_PRESETS,
     Config,
-    OptimConfig,
-    ScheduleConfig,
     all_keys,
     field_docs,
     from_dict,
@@ -82,6 +80,10 @@ def test_preset_sits_under_explicit_values():
     cfg = load_config(overrides=["model.preset=gpt2-124m", "model.n_layer=2"])
     assert cfg.model.d_model == 768 and cfg.model.norm == "layer"
     assert cfg.model.n_layer == 2
+    # a preset named on the command line replaces the recipe's model shape ...
+    tiny = load_config(recipe="default", overrides=["model.preset=tiny"])
+    assert (tiny.model.n_layer, tiny.model.d_model) == (2, 64)
+    assert tiny.model.dropout == load_config(recipe="default").model.dropout  # ... but not unrelated fields
     with pytest.raises(LmkilnError, match="unknown model preset 'gpt5'"):
         load_config(overrides=["model.preset=gpt5"])
 
@@ -104,18 +106,21 @@ def test_resolved_config_round_trips_through_a_dict():
 
 
 def test_every_field_has_a_docstring():
-    for section in (
-        Config().data,
-        Config().tokenizer,
-        Config().model,
-        OptimConfig(),
-        ScheduleConfig(),
-        Config().train,
-        Config().log,
-    ):
-        docs = field_docs(type(section))
-        missing = [f for f in vars(section) if f not in docs]
-        assert not missing, f"{type(section).__name__} fields without a docstring: {missing}"
+    import dataclasses
+
+    sections = [Config] + [
+        type(getattr(Config(), f.name))
+        for f in dataclasses.fields(Config)
+        if dataclasses.is_dataclass(getattr(Config(), f.name))
+    ]
+    for section in sections:
+        docs = field_docs(section)
+        missing = [
+            f.name
+            for f in dataclasses.fields(section)
+            if f.name not in docs and not dataclasses.is_dataclass(getattr(section(), f.name))
+        ]
+        assert not missing, f"{section.__name__} fields without a docstring: {missing}"
 
 
 def test_literal_choices_match_the_registries():

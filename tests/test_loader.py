@@ -53,10 +53,10 @@ def test_saved_position_continues_identically():
         assert torch.equal(x["input_ids"], y["input_ids"])
 
 
-def test_ranks_draw_different_windows():
-    a = next(RandomWindows(SHARDS, 16, 4, seed=3, rank=0))
-    b = next(RandomWindows(SHARDS, 16, 4, seed=3, rank=1))
-    assert not torch.equal(a["input_ids"], b["input_ids"])
+def test_ranks_read_disjoint_slices_of_the_single_process_batch():
+    whole = next(RandomWindows(SHARDS, 16, 8, seed=3))
+    halves = [next(RandomWindows(SHARDS, 16, 4, seed=3, rank=r, world_size=2)) for r in range(2)]
+    assert torch.equal(torch.cat([h["input_ids"] for h in halves]), whole["input_ids"])
 
 
 def test_corpus_too_small_for_the_context_says_how_many_tokens():

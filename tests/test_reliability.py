@@ -78,12 +78,12 @@ def test_crash_inside_each_save_phase_resumes_from_the_last_complete_checkpoint(
     with pytest.raises(SystemExit):
         pretrain(cfg_for(tmp_path))
     assert steps_on_disk(tmp_path) == [5, 10]
-    partials = [p.name for p in (run_dir(tmp_path) / "checkpoints").iterdir() if ".tmp-" in p.name]
-    assert partials == [f"step_000015.tmp-{os.getpid()}"]  # what a killed process leaves behind
+    partials = [p.name for p in (run_dir(tmp_path) / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    assert partials == ["step_000015.tmp"]  # what a killed process leaves behind
     monkeypatch.setattr(ckpt, "_reached", lambda reached: None)
     resumed = pretrain(cfg_for(tmp_path), resume="auto")
     assert weights_hash(resumed.model) == reference_hash
-    assert not [p for p in (run_dir(tmp_path) / "checkpoints").iterdir() if ".tmp-" in p.name]
+    assert not [p for p in (run_dir(tmp_path) / "checkpoints").iterdir() if p.name.endswith(".tmp")]
 
 
 def test_failed_save_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
@@ -137,7 +137,7 @@ def test_every_truncation_and_bit_flip_is_detected_before_loading(tmp_path):
                 ckpt.read_checkpoint(bad)
             detected += 1
             assert file in str(err.value) or "manifest" in str(err.value)
-    assert detected == injected == 5 * 5
+    assert detected == injected == 5 * len(list(good.iterdir()))
 
 
 def test_resume_auto_falls_back_to_the_previous_checkpoint_when_the_newest_is_corrupt(

@@ -137,7 +137,14 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         return 0
     from lmkiln.tasks import run_task
 
-    result = run_task(cfg, resume=args.resume, force=args.force, overwrite=args.overwrite)
+    resume = args.resume
+    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        resume = "auto"  # torchrun restarted the workers after a failure: continue from the last checkpoint
+        log.info(
+            "restart %s of this torchrun job: resuming from the newest complete checkpoint",
+            os.environ["TORCHELASTIC_RESTART_COUNT"],
+        )
+    result = run_task(cfg, resume=resume, force=args.force, overwrite=args.overwrite and resume is None)
     if _is_main():
         print(result.summary())
         print(
@@ -289,7 +296,10 @@ def _setup_logging(debug: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.WARNING)
-    logging.getLogger("lmkiln").setLevel(logging.DEBUG if debug else logging.INFO)
+    quiet = os.environ.get("RANK", "0") != "0"  # only rank 0 talks; the others report problems only
+    logging.getLogger("lmkiln").setLevel(
+        logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    )
 
 
 def normalize_argv(argv: list[str]) -> list[str]:

@@ -1,7 +1,7 @@
 """Typed configuration: nested dataclasses, YAML recipes, dotted command-line overrides.
 
-Resolution order, lowest first: dataclass defaults → model size preset (`model.preset`) → recipe
-YAML → `--config FILE` → command-line overrides. Every value is coerced to its field's type and
+Resolution order, lowest first: dataclass defaults → recipe YAML → `--config FILE` → command-line
+overrides; a model size preset (`model.preset`) applies at the layer that names it. Every value is coerced to its field's type and
 checked; an unknown key names the closest valid one. The resolved config is what a run saves.
 """
 
@@ -202,6 +202,16 @@ class TrainConfig:
 
 
 @dataclass
+class DistConfig:
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """With several processes (torchrun): replicate the model (DDP) or shard it per block (FSDP2)."""
+    cpu_offload: bool = False
+    """FSDP2 only: keep sharded parameters and optimizer state in CPU memory."""
+    timeout_s: float = 600.0
+    """Seconds a collective may wait for the other processes before failing with an error."""
+
+
+@dataclass
 class LogConfig:
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
     """Progress display: a live bar on a terminal, plain log lines otherwise."""
@@ -219,6 +229,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
     name: str = "default"
     """Name of the run (the recipe name unless set)."""
@@ -446,23 +457,29 @@ Layer = tuple[str, dict[str, Any]]  # (where the values came from, dotted key ->
 
 
 def build_config(layers: list[Layer], config_cls: type = Config) -> Config:
-    """Apply layers of dotted values over the defaults, with the model preset underneath them."""
+    """Apply layers of dotted values over the defaults.
+
+    A model preset applies at the layer that names it: it replaces the model fields of earlier
+    layers (a recipe's shape), and explicit model fields of its own and later layers override it.
+    """
     keys = all_keys(config_cls)
-    resolved: dict[str, tuple[Any, str]] = {}
+    resolved: dict[str, Any] = {}
     for source, values in layers:
+        checked = {}
         for key, raw in values.items():
             if key not in keys:
                 raise unknown_key_error(key, sorted(keys), source)
-            resolved[key] = (coerce(raw, keys[key], key, source), source)
-
+            checked[key] = coerce(raw, keys[key], key, source)
+        preset = checked.get("model.preset")
+        if preset:
+            if preset not in MODEL_PRESETS:
+                raise LmkilnError(
+                    f"unknown model preset {preset!r} ({source}); valid presets: {', '.join(MODEL_PRESETS)}"
+                )
+            resolved.update({f"model.{k}": v for k, v in MODEL_PRESETS[preset].items()})
+        resolved.update(checked)
     cfg = config_cls()
-    preset, _ = resolved.get("model.preset", ("", ""))
-    if preset:
-        if preset not in MODEL_PRESETS:
-            raise LmkilnError(f"unknown model preset {preset!r}; valid presets: {', '.join(MODEL_PRESETS)}")
-        for key, value in MODEL_PRESETS[preset].items():
-            _set(cfg, f"model.{key}", value)
-    for key, (value, _) in resolved.items():
+    for key, value in resolved.items():
         _set(cfg, key, value)
     validate(cfg)
     return cfg

@@ -26,8 +26,11 @@ def document_ids(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
 class RandomWindows:
     """Uniformly sampled windows of seq_len+1 tokens (inputs and next-token labels).
 
-    Windows never straddle two shard files. With `eos_id` set, each batch also carries
-    `doc_ids` so the model can keep attention inside documents.
+    Micro-batch i is drawn by a generator seeded with (seed, i) for all `world_size` ranks at
+    once, and each rank keeps its own slice: ranks read disjoint windows, and a run draws the same
+    data at any number of processes with the same global batch. The whole state is `position`.
+    Windows never straddle two shard files. With `eos_id` set, each batch also carries `doc_ids`
+    so the model can keep attention inside documents.
     """
 
     def __init__(
@@ -38,9 +41,10 @@ class RandomWindows:
         seed: int,
         rank: int = 0,
         eos_id: int | None = None,
+        world_size: int = 1,
     ) -> None:
         self.shards, self.seq_len, self.batch_size = list(shards), seq_len, batch_size
-        self.seed, self.rank, self.eos_id = seed, rank, eos_id
+        self.seed, self.rank, self.world_size, self.eos_id = seed, rank, world_size, eos_id
         starts = np.array([max(len(s) - seq_len, 0) for s in self.shards], dtype=np.int64)
         total = sum(len(s) for s in self.shards)
         if starts.sum() == 0:
@@ -56,9 +60,10 @@ class RandomWindows:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.rank, self.position])
+        rng = np.random.default_rng([self.seed, self.position])
         self.position += 1
-        picks = rng.integers(0, self.cumulative[-1], size=self.batch_size)
+        everyone = rng.integers(0, self.cumulative[-1], size=self.batch_size * self.world_size)
+        picks = everyone[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         which = np.searchsorted(self.cumulative, picks, side="right")
         offsets = picks - np.concatenate([[0], self.cumulative[:-1]])[which]
         window = self.seq_len + 1
@@ -70,7 +75,7 @@ class RandomWindows:
         return batch
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "seed": self.seed, "rank": self.rank}
+        return {"position": self.position, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])

@@ -48,6 +48,11 @@ def load_run(path: str | Path, device: str = "cpu") -> LoadedModel:
     cfg = from_dict(saved.trainer["config"], f"{checkpoint}/trainer.json")
     tokenizer = Tokenizer.load(tokenizer_dir)
     model = Transformer(cfg.model)
-    load_model_tensors(model, saved.model, str(checkpoint / "model.safetensors"))
+    if saved.model:
+        load_model_tensors(model, saved.model, str(checkpoint / "model.safetensors"))
+    else:  # a sharded (FSDP) checkpoint without consolidated weights: gather the shards here
+        from lmkiln.train.distributed import consolidate
+
+        consolidate(saved.sharded, model)
     model.to(torch.device(device)).eval()
     return LoadedModel(model, tokenizer, cfg, checkpoint, saved.trainer["state"]["step"])

@@ -4,11 +4,14 @@ A checkpoint is a directory `step_000123/`:
 
     model.safetensors      model weights (tied weights stored once)
     optimizer.safetensors  every optimizer state tensor; the rest of its state lives in trainer.json
-    rng.safetensors        torch CPU/CUDA generator states
-    trainer.json           step, counters, data position, schedule, Python/NumPy RNG, config, fingerprint
+    rng_rank0.safetensors  torch CPU/CUDA generator states of rank 0 (one file pair per rank)
+    rng_rank0.json         Python and NumPy generator states of rank 0
+    trainer.json           step, counters, data position, optimizer param groups, config, fingerprint
+    dcp/                   (FSDP runs) model and optimizer shards written by Distributed Checkpoint
     manifest.json          size and SHA-256 of each file above, written last
 
-It is written into `step_000123.tmp-<pid>/`, every file fsynced, the manifest last, then renamed.
+It is written into `step_000123.tmp/`, every file fsynced, the manifest last, then renamed.
+With several processes each rank adds its own RNG file (and, with FSDP, its shard under `dcp/`).
 A directory without a valid manifest is never offered for resume, and every file is checked
 against the manifest before any state is applied. Nothing is ever unpickled: tensors come from
 safetensors, everything else from JSON.
@@ -22,7 +25,7 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,43 +86,77 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 @dataclass
 class CheckpointData:
-    """What one checkpoint holds, in memory."""
+    """What one checkpoint holds for one rank, in memory (nothing applied yet)."""
 
     model: dict[str, torch.Tensor]
     optimizer: dict[str, torch.Tensor]
     rng: dict[str, torch.Tensor]
     trainer: dict[str, Any]
+    rng_meta: dict[str, Any] = field(default_factory=dict)
+    sharded: Path | None = None
+    """Directory of a DCP-sharded model/optimizer state (FSDP runs), else None."""
 
 
-def write_checkpoint(root: Path, step: int, data: CheckpointData) -> Path:
-    """Atomically write `root/step_NNNNNN`; on failure the previous checkpoints stay untouched."""
-    final = root / checkpoint_name(step)
-    tmp = root / f"{final.name}.tmp-{os.getpid()}"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        _write_tensors(tmp / "model.safetensors", data.model)
-        _reached("after_model")
-        _write_tensors(tmp / "optimizer.safetensors", data.optimizer)
-        _reached("after_optimizer")
-        _write_tensors(tmp / "rng.safetensors", data.rng)
-        _write_json(tmp / "trainer.json", data.trainer)
-        _reached("before_manifest")
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
-        _write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": files})
-        _fsync(tmp)
-        _reached("before_rename")
-        if final.exists():  # a stale copy of this step (e.g. from a rolled-back run) is replaced
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync(root)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise LmkilnError(
-            f"saving checkpoint {final} failed ({err.strerror or err}); the previous checkpoints are intact"
-        ) from None
-    return final
+class CheckpointWriter:
+    """Writes one checkpoint atomically, with every rank adding its own files.
+
+    All ranks enter and commit together; only the main rank creates the temporary directory,
+    writes the manifest (sizes and SHA-256 of every file, last) and renames it into place.
+    """
+
+    def __init__(self, root: Path, step: int, is_main: bool = True, barrier=lambda name: None) -> None:
+        self.root, self.step, self.is_main, self.barrier = root, step, is_main, barrier
+        self.final = root / checkpoint_name(step)
+        self.tmp = root / f"{self.final.name}.tmp"
+
+    def __enter__(self) -> CheckpointWriter:
+        try:
+            if self.is_main:
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                self.tmp.mkdir()
+        except OSError as err:
+            raise self._failed(err) from None
+        self.barrier("checkpoint start")
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if isinstance(error, OSError):
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise self._failed(error) from None
+
+    def _failed(self, err: OSError) -> LmkilnError:
+        return LmkilnError(
+            f"saving checkpoint {self.final} failed ({err.strerror or err}); the previous "
+            f"checkpoints are intact"
+        )
+
+    def tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        _write_tensors(self.tmp / name, tensors)
+        _reached("after_" + name.split(".")[0])
+
+    def json(self, name: str, value: Any) -> None:
+        _write_json(self.tmp / name, value)
+
+    def commit(self) -> Path:
+        self.barrier("checkpoint files")
+        if self.is_main:
+            files = {
+                str(p.relative_to(self.tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                for p in sorted(self.tmp.rglob("*"))
+                if p.is_file()
+            }
+            _reached("before_manifest")
+            _write_json(self.tmp / MANIFEST, {"format": FORMAT, "step": self.step, "files": files})
+            for directory in [p for p in self.tmp.rglob("*") if p.is_dir()] + [self.tmp]:
+                _fsync(directory)
+            _reached("before_rename")
+            if self.final.exists():  # a stale copy of this step (e.g. from a rolled-back run) is replaced
+                shutil.rmtree(self.final)
+            os.rename(self.tmp, self.final)
+            _fsync(self.root)
+        self.barrier("checkpoint commit")
+        return self.final
 
 
 def verify_checkpoint(path: Path) -> dict:
@@ -142,37 +179,50 @@ def verify_checkpoint(path: Path) -> dict:
             raise CorruptCheckpoint(f"{file}: {size} bytes, manifest says {entry.get('bytes')}")
         if _sha256(file) != entry.get("sha256"):
             raise CorruptCheckpoint(f"{file}: SHA-256 does not match the manifest")
-    for required in ("model.safetensors", "trainer.json"):
-        if required not in files:
-            raise CorruptCheckpoint(f"{path}: manifest does not list {required}")
+    if "trainer.json" not in files or not ("model.safetensors" in files or "dcp/.metadata" in files):
+        raise CorruptCheckpoint(f"{path}: manifest lists no trainer.json or no model weights")
     return manifest
 
 
 def _contained(directory: Path, name: str) -> Path:
-    """A file named by a manifest, refused if it could leave the checkpoint directory."""
-    if not isinstance(name, str) or name != Path(name).name or name in ("", ".", ".."):
+    """A file named by a manifest, refused if it could leave the checkpoint directory.
+
+    Names are plain file names, or `dcp/<file>` for the shards of a sharded checkpoint.
+    """
+    parts = name.split("/") if isinstance(name, str) else []
+    plain = all(p and p not in (".", "..") and p == Path(p).name for p in parts)
+    if not plain or len(parts) > 2 or (len(parts) == 2 and parts[0] != "dcp"):
         raise CorruptCheckpoint(f"{directory}: manifest names a path outside the checkpoint: {name!r}")
-    file = directory / name
-    if file.is_symlink():
+    file = directory.joinpath(*parts)
+    if file.is_symlink() or file.parent.is_symlink():
         raise CorruptCheckpoint(f"{file}: symbolic links are not allowed in a checkpoint")
     return file
 
 
-def read_checkpoint(path: Path, verify: bool = True) -> CheckpointData:
-    """Load a verified checkpoint; nothing is applied to any object here."""
+def read_checkpoint(path: Path, verify: bool = True, rank: int = 0) -> CheckpointData:
+    """Load a verified checkpoint (this rank's RNG); nothing is applied to any object here."""
     manifest = verify_checkpoint(path) if verify else json.loads((path / MANIFEST).read_text())
     files = manifest["files"]
 
     def tensors(name: str) -> dict[str, torch.Tensor]:
         return load_file(str(_contained(path, name))) if name in files else {}
 
+    def json_file(name: str) -> dict:
+        if name not in files:
+            return {}
+        value = json.loads(_contained(path, name).read_text(encoding="utf-8"))
+        if not isinstance(value, dict):
+            raise CorruptCheckpoint(f"{path / name}: expected a JSON object")
+        return value
+
     try:
-        trainer = json.loads(_contained(path, "trainer.json").read_text(encoding="utf-8"))
         return CheckpointData(
             tensors("model.safetensors"),
             tensors("optimizer.safetensors"),
-            tensors("rng.safetensors"),
-            trainer,
+            tensors(f"rng_rank{rank}.safetensors"),
+            json_file("trainer.json"),
+            json_file(f"rng_rank{rank}.json"),
+            path / "dcp" if "dcp/.metadata" in files else None,
         )
     except (json.JSONDecodeError, UnicodeDecodeError, OSError, RuntimeError, SafetensorError) as err:
         raise CorruptCheckpoint(f"{path}: unreadable checkpoint ({err})") from None
@@ -202,24 +252,12 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def remove_stale_partials(root: Path) -> None:
-    """Delete leftovers of saves that crashed (tmp directories of processes that are gone)."""
+    """Delete leftovers of saves that crashed (a run directory belongs to one job at a time)."""
     if not root.is_dir():
         return
     for child in root.iterdir():
-        if ".tmp-" in child.name and child.is_dir():
-            pid = child.name.rsplit("-", 1)[-1]
-            if not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid)):
-                shutil.rmtree(child, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        if child.name.endswith(".tmp") and child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
 
 
 def prune_checkpoints(root: Path, keep_last: int, keep: set[Path]) -> None:

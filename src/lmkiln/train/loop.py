@@ -30,6 +30,7 @@ from torch import nn
 from lmkiln.config import Config, to_dict
 from lmkiln.errors import Interrupted, LmkilnError
 from lmkiln.train import checkpoint as ckpt
+from lmkiln.train import distributed
 from lmkiln.train.objectives import Batch, Objective
 from lmkiln.train.observe import RunLog, Throughput
 from lmkiln.train.optim import set_learning_rate
@@ -119,7 +120,7 @@ def train_step(
     Gradients are left in `.grad` (clipped); the caller decides whether to apply them.
     """
     targets = torch.stack([objective.count(b) for b in micro_batches]).sum().to(runtime.device, torch.float32)
-    targets = runtime.all_reduce_sum(targets)
+    targets = runtime.all_reduce_sum(targets, "step target count")
     # DDP averages gradients over ranks, so each rank's share is scaled up by world_size.
     scale = runtime.world_size / targets.clamp(min=1)
     loss_sum = torch.zeros((), device=runtime.device)
@@ -146,17 +147,22 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 # Checkpoint state
 
 
-def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """state_dict with tied weights stored once (safetensors refuses shared storage)."""
-    seen: dict[tuple[int, tuple], str] = {}
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tuple(tensor.shape))
-        if tensor.numel() and key in seen:
-            continue
-        seen[key] = name
-        out[name] = tensor
-    return out
+def tied_aliases(model: nn.Module) -> set[str]:
+    """Parameter names that are a second name of an earlier parameter (tied weights)."""
+    seen: set[int] = set()
+    aliases = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            aliases.add(name)
+        seen.add(id(param))
+    return aliases
+
+
+def model_tensors(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The state dict (or a gathered one) with tied weights stored once (safetensors refuses shared storage)."""
+    aliases = tied_aliases(model)
+    state = model.state_dict() if state is None else state
+    return {name: tensor for name, tensor in state.items() if name not in aliases}
 
 
 def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -197,58 +203,96 @@ class TrainLoop:
         self.last_eval: dict[str, float] = {}
         self.last_saved_step = -1
         self.signum: int | None = None
+        self.sharded = runtime.distributed and distributed.is_sharded(setup.model)
 
     # -- state ---------------------------------------------------------------------------------
-    def checkpoint_data(self) -> ckpt.CheckpointData:
-        opt_tensors, opt_meta = optimizer_state(self.setup.optimizer)
-        rng_tensors, rng_meta = capture_rng()
-        trainer = {
+    def trainer_json(self, optimizer_meta: dict) -> dict:
+        return {
             "format": ckpt.FORMAT,
             "state": self.state.to_dict(),
-            "optimizer": opt_meta,
+            "optimizer": optimizer_meta,
             "data": self.setup.train_batches.state_dict(),
-            "rng": rng_meta,
             "fingerprint": self.setup.fingerprint,
             "config": to_dict(self.cfg),
             "last_eval": self.last_eval,
             "world_size": self.runtime.world_size,
+            "sharded": self.sharded,
         }
-        return ckpt.CheckpointData(model_tensors(self.setup.model), opt_tensors, rng_tensors, trainer)
 
-    def save(self) -> Path | None:
+    def save(self, final: bool = False) -> Path | None:
+        """Write a checkpoint of the current step (a collective: every rank calls it)."""
         if self.ckpt_root is None or self.last_saved_step == self.state.step:
             return None
-        path = None
-        if self.runtime.is_main:
-            start = time.perf_counter()
-            path = ckpt.write_checkpoint(self.ckpt_root, self.state.step, self.checkpoint_data())
-            keep = (
-                {self.ckpt_root / ckpt.checkpoint_name(self.state.best_step)}
-                if self.state.best_step >= 0
-                else set()
-            )
+        runtime, model, optimizer = self.runtime, self.setup.model, self.setup.optimizer
+        start = time.perf_counter()
+        with ckpt.CheckpointWriter(
+            self.ckpt_root, self.state.step, runtime.is_main, runtime.barrier
+        ) as writer:
+            rng_tensors, rng_meta = capture_rng()  # every rank keeps its own generators
+            writer.tensors(f"rng_rank{runtime.rank}.safetensors", rng_tensors)
+            writer.json(f"rng_rank{runtime.rank}.json", rng_meta)
+            if self.sharded:
+                with runtime.collective("sharded checkpoint save"):
+                    groups = distributed.save_sharded(writer.tmp / "dcp", model, optimizer)
+                    full = distributed.full_model_state(model) if final else None
+                if runtime.is_main:
+                    if full is not None:  # the last checkpoint also holds consolidated weights for export
+                        writer.tensors("model.safetensors", model_tensors(model, full))
+                    writer.json("trainer.json", self.trainer_json({"param_groups": groups}))
+            elif runtime.is_main:
+                writer.tensors("model.safetensors", model_tensors(model))
+                opt_tensors, opt_meta = optimizer_state(optimizer)
+                writer.tensors("optimizer.safetensors", opt_tensors)
+                writer.json("trainer.json", self.trainer_json(opt_meta))
+            path = writer.commit()
+        if runtime.is_main:
+            best = self.state.best_step
+            keep = {self.ckpt_root / ckpt.checkpoint_name(best)} if best >= 0 else set()
             ckpt.prune_checkpoints(self.ckpt_root, self.tcfg.keep_last, keep)
             self.log.record(
                 "checkpoint",
-                {"step": self.state.step, "seconds": time.perf_counter() - start, "path": str(path)},
+                {
+                    "step": self.state.step,
+                    "seconds": time.perf_counter() - start,
+                    "bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
+                    "path": str(path),
+                },
             )
-        self.runtime.barrier()
         self.last_saved_step = self.state.step
         return path
 
     def restore(self, path: Path, data: bool = True, force: bool = False) -> None:
         """Apply a verified checkpoint; with data=False the data position and RNG keep going (rollback)."""
-        saved = ckpt.read_checkpoint(path)
+        runtime = self.runtime
+        saved = ckpt.read_checkpoint(path, rank=runtime.rank)
         trainer = saved.trainer
         self._check_drift(trainer.get("fingerprint", {}), force)
-        load_model_tensors(self.setup.model, saved.model, str(path / "model.safetensors"))
-        load_optimizer_state(self.setup.optimizer, saved.optimizer, trainer["optimizer"])
+        if saved.sharded is not None:
+            with runtime.collective("sharded checkpoint load"):
+                distributed.load_sharded(
+                    saved.sharded,
+                    self.setup.model,
+                    self.setup.optimizer,
+                    trainer["optimizer"]["param_groups"],
+                )
+        elif self.sharded:
+            raise LmkilnError(f"{path} was written without FSDP; resume it with --dist.strategy ddp")
+        else:
+            load_model_tensors(self.setup.model, saved.model, str(path / "model.safetensors"))
+            load_optimizer_state(self.setup.optimizer, saved.optimizer, trainer["optimizer"])
         rollbacks = self.state.rollbacks
         self.state = TrainState.from_dict(trainer["state"])
         self.last_eval = trainer.get("last_eval", {})
         if data:
             self.setup.train_batches.load_state_dict(trainer["data"])
-            restore_rng(saved.rng, trainer["rng"])
+            if saved.rng or saved.rng_meta:
+                restore_rng(saved.rng, saved.rng_meta)
+            else:
+                log.warning(
+                    "no RNG state for rank %d in %s (world size changed); dropout randomness restarts",
+                    runtime.rank,
+                    path,
+                )
         else:
             self.state.rollbacks = rollbacks + 1
         self.last_saved_step = self.state.step
@@ -346,11 +390,11 @@ class TrainLoop:
                         self._log_step(window_loss, window_steps, lr, result, throughput)
                         window_loss, window_steps = torch.zeros((), device=runtime.device), 0
                     if setup.evaluate is not None and (self.state.step % tcfg.eval_every == 0 or last):
-                        if self._evaluate():
+                        if self._evaluate(final=last):
                             stop_reason = "early_stopping"
                             last = True
                     if self.state.step % tcfg.save_every == 0 or last:
-                        self.save()
+                        self.save(final=last)
                     if self.signum is not None:
                         path = self.save()
                         raise Interrupted(self.signum, self.state.step, path or self._latest_path())
@@ -380,7 +424,7 @@ class TrainLoop:
                 torch.tensor(float(self.signum is not None), device=result.loss.device),
             ]
         )
-        flags = self.runtime.all_reduce_max(flags)
+        flags = self.runtime.all_reduce_max(flags, "step health flags")
         bad, interrupted = flags.tolist()
         if interrupted and self.signum is None:
             self.signum = signal.SIGTERM  # another rank was signalled; stop together
@@ -439,7 +483,7 @@ class TrainLoop:
         throughput: Throughput,
     ) -> None:
         loss = (
-            self.runtime.all_reduce_sum(window_loss.clone()).item()
+            self.runtime.all_reduce_sum(window_loss.clone(), "logged loss").item()
             / max(window_steps, 1)
             / self.runtime.world_size
         )
@@ -480,7 +524,7 @@ class TrainLoop:
         """The untrained model's metrics: the starting point of every curve (not a candidate for best)."""
         return self._run_evaluation()
 
-    def _evaluate(self) -> bool:
+    def _evaluate(self, final: bool = False) -> bool:
         """Run validation, track the best value; True when early stopping says stop."""
         metrics = self.last_eval = self._run_evaluation()
         self.log.plot()
@@ -494,7 +538,7 @@ class TrainLoop:
         sign = 1 if self.tcfg.monitor_mode == "min" else -1
         if math.isfinite(value) and (best is None or sign * (best - value) > self.tcfg.min_delta):
             self.state.best_value, self.state.best_step, self.state.bad_evals = value, self.state.step, 0
-            self.save()
+            self.save(final=final)
             return False
         self.state.bad_evals += 1
         return self.tcfg.patience > 0 and self.state.bad_evals >= self.tcfg.patience

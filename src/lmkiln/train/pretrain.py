@@ -17,6 +17,7 @@ from lmkiln.data.shards import PrepareReport, TokenShards, is_shard_set, prepare
 from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.errors import LmkilnError
 from lmkiln.model.transformer import Transformer, count_parameters, training_flops_per_token
+from lmkiln.train.distributed import parallelize
 from lmkiln.train.loop import FitResult, TrainLoop, TrainSetup
 from lmkiln.train.objectives import LanguageModelLoss
 from lmkiln.train.optim import build_optimizer
@@ -56,19 +57,6 @@ def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> Transforme
     return Transformer(cfg).to(device)
 
 
-def wrap_for_training(model: nn.Module, cfg: Config, runtime: Runtime) -> nn.Module:
-    """DDP across processes, then optional torch.compile; the unwrapped model keeps the weights."""
-    train_model = model
-    if runtime.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        train_model = DistributedDataParallel(model, device_ids=ids)
-    if cfg.train.compile:
-        train_model = torch.compile(train_model)
-    return train_model
-
-
 def lm_evaluator(shards: TokenShards, cfg: Config, eos_id: int | None):
     """Validation loss, perplexity and bits per byte over fixed windows, sharded across ranks."""
     arrays = shards.arrays("val")
@@ -79,16 +67,19 @@ def lm_evaluator(shards: TokenShards, cfg: Config, eos_id: int | None):
         loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
         count = torch.zeros((), device=runtime.device, dtype=torch.float64)
         objective = LanguageModelLoss()
-        for index, batch in enumerate(
-            eval_windows(arrays, cfg.train.seq_len, micro, cfg.train.eval_tokens, eos_id)
-        ):
-            if index % runtime.world_size != runtime.rank:
-                continue
-            batch = {k: v.to(runtime.device) for k, v in batch.items()}
-            loss_sum += objective(model, batch).double()
-            count += objective.count(batch).double()
-        runtime.all_reduce_sum(loss_sum)
-        runtime.all_reduce_sum(count)
+        batches = list(eval_windows(arrays, cfg.train.seq_len, micro, cfg.train.eval_tokens, eos_id))
+        # Ranks take turns; all run the same number of forwards (FSDP's forward is a collective),
+        # a rank without a batch of its own repeats the first one with zero weight.
+        rounds = -(-len(batches) // runtime.world_size)
+        for turn in range(rounds):
+            index = turn * runtime.world_size + runtime.rank
+            batch = {k: v.to(runtime.device) for k, v in batches[min(index, len(batches) - 1)].items()}
+            loss, n = objective(model, batch).double(), objective.count(batch).double()
+            if index < len(batches):
+                loss_sum += loss
+                count += n
+        runtime.all_reduce_sum(loss_sum, "validation loss sum")
+        runtime.all_reduce_sum(count, "validation target count")
         loss = (loss_sum / count.clamp(min=1)).item()
         return {
             "val_loss": loss,
@@ -223,7 +214,7 @@ def pretrain(
     overwrite: bool = False,
     runtime: Runtime | None = None,
 ) -> PretrainResult:
-    runtime = runtime or Runtime.start(cfg.train)
+    runtime = runtime or Runtime.start(cfg.train, cfg.dist)
     tok_report = shard_report = None
     if runtime.is_main:
         tok_report, shard_report = prepare_data(cfg)
@@ -243,12 +234,18 @@ def pretrain(
     model = build_model(cfg.model, runtime.device, cfg.train.seed)
     if runtime.is_main:
         _describe(cfg, runtime, tok_report, shard_report, model, run_dir)
-    train_model = wrap_for_training(model, cfg, runtime)
+    train_model = parallelize(model, cfg, runtime)  # before the optimizer: FSDP2 shards parameters
     optimizer = build_optimizer(model, cfg.optim)
     micro = cfg.train.micro_batch_size or cfg.train.batch_size
     eos = tokenizer.eos_id if cfg.data.document_mask else None
     batches = RandomWindows(
-        shards.arrays("train"), cfg.train.seq_len, micro, cfg.train.seed, runtime.rank, eos
+        shards.arrays("train"),
+        cfg.train.seq_len,
+        micro,
+        cfg.train.seed,
+        runtime.rank,
+        eos,
+        world_size=runtime.world_size,
     )
     evaluate = lm_evaluator(shards, cfg, eos)
     fingerprint = {
@@ -256,6 +253,7 @@ def pretrain(
         "train.micro_batch_size": micro,
         "train.seq_len": cfg.train.seq_len,
         "world_size": runtime.world_size,
+        "dist.strategy": cfg.dist.strategy if runtime.distributed else "single",
         "tokenizer": tokenizer.fingerprint[:16],
         "data": shards.directory.name,
         **{f"model.{k}": getattr(cfg.model, k) for k in SHAPE_FIELDS},
@@ -273,6 +271,12 @@ def pretrain(
     )
     trainer = TrainLoop(setup, cfg, runtime, run_dir)
     result = trainer.fit(resume=resume, force=force)
+    if (
+        trainer.sharded and runtime.is_main
+    ):  # hand back plain weights (the final checkpoint consolidated them)
+        from lmkiln.infer.load import load_run
+
+        model = load_run(run_dir, device=str(runtime.device)).model
     return PretrainResult(
         run_dir, result, model, tokenizer, tok_report, shard_report, count_parameters(model), cfg
     )

@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from lmkiln.config import TrainConfig
+from lmkiln.config import DistConfig, TrainConfig
 from lmkiln.errors import LmkilnError
 
 
@@ -54,8 +55,9 @@ class Runtime:
     _group_started: bool = field(default=False, repr=False)
 
     @classmethod
-    def start(cls, cfg: TrainConfig) -> Runtime:
+    def start(cls, cfg: TrainConfig, dist_cfg: DistConfig | None = None) -> Runtime:
         """Set threads, join the process group if launched by torchrun, pick device and precision."""
+        dist_cfg = dist_cfg or DistConfig()
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -64,7 +66,14 @@ class Runtime:
         if device.type == "cuda" and world_size > 1:
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-        runtime = cls(device, resolve_precision(cfg.precision, device), rank, world_size, local_rank)
+        runtime = cls(
+            device,
+            resolve_precision(cfg.precision, device),
+            rank,
+            world_size,
+            local_rank,
+            timeout_s=dist_cfg.timeout_s,
+        )
         if world_size > 1 and not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=runtime.timeout_s))
@@ -84,19 +93,33 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+    @contextlib.contextmanager
+    def collective(self, name: str) -> Iterator[None]:
+        """Name a collective so that a timeout or a dead peer is reported as what it was."""
+        try:
+            yield
+        except RuntimeError as err:  # gloo/nccl timeouts and closed connections
+            raise LmkilnError(
+                f"collective '{name}' failed on rank {self.rank} of {self.world_size} ({str(err).splitlines()[0]}); "
+                f"another process is hung or has died (timeout {self.timeout_s:.0f} s, --dist.timeout_s)"
+            ) from None
+
+    def all_reduce_sum(self, value: torch.Tensor, name: str = "all_reduce") -> torch.Tensor:
         if self.distributed:
-            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            with self.collective(name):
+                dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value
 
-    def all_reduce_max(self, value: torch.Tensor) -> torch.Tensor:
+    def all_reduce_max(self, value: torch.Tensor, name: str = "all_reduce") -> torch.Tensor:
         if self.distributed:
-            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+            with self.collective(name):
+                dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return value
 
-    def barrier(self) -> None:
+    def barrier(self, name: str = "barrier") -> None:
         if self.distributed:
-            dist.barrier()
+            with self.collective(name):
+                dist.barrier()
 
     def shutdown(self) -> None:
         if self._group_started and dist.is_initialized():

@@ -1,0 +1,182 @@
+"""Several processes: DDP or FSDP2 wrapping, and sharded checkpoints with Distributed Checkpoint.
+
+Launch with `torchrun --nproc-per-node N -m lmkiln train ...` (or `lmkiln train --nproc N`).
+FSDP2 shards every transformer block (`fully_shard`) and then the root; its checkpoints are
+written by DCP, one shard per rank, and read back at any world size (DCP reshards).
+
+DCP stores its index as a pickle (`.metadata`) and would unpickle non-tensor values with
+`weights_only=False`. lmkiln writes only tensors through DCP (everything else goes to JSON) and
+reads the index with an unpickler that admits nothing but DCP's own metadata classes.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmkiln.config import Config
+from lmkiln.errors import LmkilnError
+from lmkiln.train.runtime import Runtime
+
+
+def parallelize(model: nn.Module, cfg: Config, runtime: Runtime) -> nn.Module:
+    """The module forward/backward run through: DDP wrapper, FSDP2-sharded model, maybe compiled.
+
+    Call before building the optimizer: FSDP2 turns parameters into sharded DTensors.
+    """
+    train_model = model
+    if runtime.distributed and cfg.dist.strategy == "fsdp":
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        kwargs: dict[str, Any] = {}
+        if runtime.autocast_dtype is not None:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=runtime.autocast_dtype, reduce_dtype=torch.float32
+            )
+        if cfg.dist.cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        for block in _blocks(model):
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+    elif runtime.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        train_model = DistributedDataParallel(model, device_ids=ids)
+    elif cfg.dist.strategy == "fsdp":
+        pass  # one process: nothing to shard
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
+    return train_model
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks (per-block sharding), wherever they sit in the module tree."""
+    from lmkiln.model.transformer import Block
+
+    return [m for m in model.modules() if isinstance(m, Block)]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded checkpoints
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits only the classes DCP's `.metadata` index is made of (no callables, no builtins)."""
+
+    ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    ALLOWED = {
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED or (module in self.ALLOWED_MODULES and not name.startswith("__")):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint index")
+
+
+def _safe_reader(directory: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            data = (Path(self.path) / ".metadata").read_bytes()
+            try:
+                metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+            except Exception as err:  # noqa: BLE001 - any failure means a file we must not trust
+                raise LmkilnError(f"{directory}/.metadata: refused ({err})") from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(directory))
+
+
+def _tensor_planner():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class TensorsOnly(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):  # lmkiln never writes non-tensor items
+            raise LmkilnError(
+                f"unexpected non-tensor item {read_item.dest_index.fqn} in a sharded checkpoint"
+            )
+
+    return TensorsOnly()
+
+
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, list]:
+    """(model tensors, optimizer state tensors, optimizer param_groups) in DCP's sharded form."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return model_state, optim_state["state"], optim_state["param_groups"]
+
+
+def save_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> list:
+    """Every rank writes its shard into `directory`; returns the param_groups for JSON."""
+    import torch.distributed.checkpoint as dcp
+
+    model_state, optim_tensors, groups = sharded_state(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_tensors}, checkpoint_id=str(directory))
+    return groups
+
+
+def load_sharded(
+    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, param_groups: list | None
+) -> None:
+    """Load a sharded checkpoint into a model (and optimizer) at this run's world size."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    if optimizer is None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        model_state = get_model_state_dict(model)
+        dcp.load({"model": model_state}, storage_reader=_safe_reader(directory), planner=_tensor_planner())
+        set_model_state_dict(model, model_state)
+        return
+    model_state, optim_tensors, groups = sharded_state(model, optimizer)
+    dcp.load(
+        {"model": model_state, "optim": optim_tensors},
+        storage_reader=_safe_reader(directory),
+        planner=_tensor_planner(),
+    )
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict={"state": optim_tensors, "param_groups": param_groups or groups},
+    )
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Gathered, unsharded weights on CPU (collective: every rank calls it; only rank 0 gets them)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def consolidate(directory: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full weights of a sharded checkpoint, read in one process (for export and inference)."""
+    load_sharded(directory, model, None, None)
+    return dict(model.state_dict())
