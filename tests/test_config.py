@@ -112,6 +112,9 @@ def test_every_field_has_a_docstring():
         ScheduleConfig(),
         Config().train,
         Config().log,
+        Config().loss,
+        Config().mlp,
+        Config().table,
     ):
         docs = field_docs(type(section))
         missing = [f for f in vars(section) if f not in docs]
@@ -126,6 +129,19 @@ def test_literal_choices_match_the_registries():
     keys = all_keys()
     assert set(typing.get_args(keys["optim.name"])) == set(OPTIMIZERS)
     assert set(typing.get_args(keys["schedule.name"])) == set(SCHEDULES)
+
+
+def test_supervised_literal_choices_match_the_registries():
+    import typing
+
+    from lmkiln.model.mlp import ACTIVATIONS
+    from lmkiln.tasks import TASKS
+    from lmkiln.train.objectives import LOSS_KINDS, SUPERVISED_LOSSES
+
+    keys = all_keys()
+    assert set(typing.get_args(keys["loss.name"])) == set(SUPERVISED_LOSSES) == set(LOSS_KINDS)
+    assert set(typing.get_args(keys["mlp.activation"])) == set(ACTIVATIONS)
+    assert set(typing.get_args(keys["task"])) == set(TASKS)
 
 
 def test_presets_are_valid_configs():
