@@ -305,3 +305,17 @@ def test_import_lmkiln_stays_light_and_exports_trainer():
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert proc.stdout.strip() == "lmkiln.train.supervised"
+
+
+def test_learning_rate_schedule_by_name(tmp_path):
+    import json
+
+    trainer = tiny_trainer(
+        tmp_path, schedule="cosine", lr=0.1, steps=20, val=None,
+        overrides={**QUIET, "schedule.warmup_steps": 2, "schedule.min_lr_ratio": 0.1, "train.log_every": 1},
+    )  # fmt: skip
+    trainer.fit()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    lrs = [e["lr"] for e in map(json.loads, lines) if e["event"] == "train"]
+    assert lrs[0] == pytest.approx(0.05) and lrs[1] == pytest.approx(0.1)  # linear warmup
+    assert lrs[-1] == pytest.approx(0.01, rel=0.1) and lrs == sorted(lrs[:2]) + sorted(lrs[2:], reverse=True)

@@ -185,3 +185,15 @@ def test_bad_tables_are_one_line_naming_column_and_row(tmp_path):
         run_cli(*base, "table.label=y"),
         "data.csv:3: feature column 'b' is missing (NaN/missing values are not allowed",
     )
+
+
+def test_mlp_config_builds_the_classic_layers():
+    from torch import nn
+
+    from lmkiln.model.mlp import build_mlp
+
+    cfg = load_config(overrides=["mlp.hidden=[8,4]", "mlp.dropout=0.2", "mlp.activation=tanh"]).mlp
+    layers = [type(m) for m in build_mlp(cfg, 6, 3).layers]
+    assert layers == [nn.Linear, nn.Tanh, nn.Dropout, nn.Linear, nn.Tanh, nn.Dropout, nn.Linear]
+    linear = build_mlp(load_config(overrides=["mlp.hidden=[]"]).mlp, 64, 10)
+    assert [type(m) for m in linear.layers] == [nn.Linear] and linear.layers[0].weight.shape == (10, 64)

@@ -23,7 +23,7 @@ from lmkiln.errors import LmkilnError
 KINDS = ("classification", "multilabel", "regression")
 
 
-def _tensor(value: Any) -> torch.Tensor:
+def to_tensor(value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.detach()
     try:
@@ -32,7 +32,7 @@ def _tensor(value: Any) -> torch.Tensor:
         raise LmkilnError(f"cannot make a tensor of {type(value).__name__}: {err}") from None
 
 
-def _features(x: torch.Tensor) -> torch.Tensor:
+def as_features(x: torch.Tensor) -> torch.Tensor:
     """float64 features become float32 (the models' dtype); integer inputs (ids) stay as they are."""
     return x.float() if x.is_floating_point() else x
 
@@ -116,7 +116,7 @@ class TensorExamples(Examples):
 
     def __init__(self, x: Any, y: Any, kind: str, what: str = "data") -> None:
         super().__init__(kind, what)
-        self.x, self.y = _features(_tensor(x)), _targets(_tensor(y), kind, what)
+        self.x, self.y = as_features(to_tensor(x)), _targets(to_tensor(y), kind, what)
         if self.x.ndim == 0 or len(self.x) != len(self.y):
             raise LmkilnError(
                 f"{what}: features have {len(self.x) if self.x.ndim else 0} rows but targets have "
@@ -158,9 +158,9 @@ class DatasetExamples(Examples):
             item = self.dataset[index]
             if not isinstance(item, (tuple, list)) or len(item) != 2:
                 raise LmkilnError(f"{self.what}: item {index} is not an (x, y) pair")
-            xs.append(_tensor(item[0]))
-            ys.append(_tensor(item[1]))
-        x, y = _features(torch.stack(xs)), _targets(torch.stack(ys), self.kind, self.what)
+            xs.append(to_tensor(item[0]))
+            ys.append(to_tensor(item[1]))
+        x, y = as_features(torch.stack(xs)), _targets(torch.stack(ys), self.kind, self.what)
         _check_finite(x, self.what, indices)
         if self.n_classes:
             _check_label_range(y, self.n_classes, self.what, indices)

@@ -72,6 +72,8 @@ class TrainSetup:
     """Tokens (or examples) a micro-batch holds, for throughput."""
     epoch_of: Callable[[], int] | None = None
     """Completed epochs of the training data, for epoch-based stopping."""
+    unit: str = "tokens"
+    """What tokens_in counts ('tokens' or 'examples'): the progress display says tok/s or ex/s."""
 
 
 @dataclass
@@ -465,7 +467,8 @@ class TrainLoop:
         self.log.record("train", values)
         rate = self.state.step / max(self.state.train_seconds, 1e-9)
         eta = (self.setup.total_steps - self.state.step) / rate if rate else float("inf")
-        shown = {"loss": loss, "lr": lr, "grad": values["grad_norm"], "tokens_per_s": values["tokens_per_s"]}
+        shown = {"loss": loss, "lr": lr, "grad": values["grad_norm"]}
+        shown[f"{self.setup.unit}_per_s"] = values["tokens_per_s"]
         if "mfu" in values:
             shown["mfu"] = values["mfu"]
         self.log.progress(self.state.step, shown, eta)

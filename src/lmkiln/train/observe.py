@@ -144,6 +144,8 @@ def _format_metric(key: str, value: Any) -> str:
         return f"lr {value:.2e}"
     if key == "tokens_per_s":
         return f"{format_count(value)} tok/s"
+    if key == "examples_per_s":
+        return f"{format_count(value)} ex/s"
     if key == "mfu":
         return f"mfu {100 * value:.0f}%"
     if isinstance(value, float):

@@ -17,9 +17,10 @@ config field, settable with `overrides={"optim.nesterov": True, ...}`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from lmkiln.config import Config, OptimConfig, build_config, flatten, to_dict
-from lmkiln.data.examples import Examples, _features, _tensor, as_examples, collate
+from lmkiln.data.examples import Examples, as_examples, as_features, collate, to_tensor
 from lmkiln.data.loader import CollatedBatches, EpochBatches
 from lmkiln.errors import LmkilnError
 from lmkiln.eval.metrics import (
@@ -76,6 +77,7 @@ CLASSIC_DEFAULTS: dict[str, Any] = {
 # Trainer keyword → config key
 _KEYWORDS = {
     "lr": "optim.lr",
+    "schedule": "schedule.name",
     "weight_decay": "optim.weight_decay",
     "epochs": "train.max_epochs",
     "steps": "train.max_steps",
@@ -160,6 +162,7 @@ class Trainer:
         loss: str | SupervisedLoss | nn.Module | None = None,
         optimizer: str | OptimConfig | torch.optim.Optimizer | None = None,
         lr: float | None = None,
+        schedule: str | None = None,
         weight_decay: float | None = None,
         metrics: Sequence[str | Metric] | None = None,
         epochs: int | None = None,
@@ -183,13 +186,17 @@ class Trainer:
         loss: a name (cross_entropy, bce, mse, huber), a SupervisedLoss, or one of PyTorch's
         CrossEntropyLoss/BCEWithLogitsLoss/MSELoss/HuberLoss. optimizer: a name (sgd, adam,
         adamw, rmsprop, adagrad), an OptimConfig, or a ready torch optimizer (used as it is).
+        schedule: the learning-rate schedule after warmup (constant, cosine, linear, wsd).
         epochs or steps: how long to train. monitor: the validation metric for early stopping
         and the best checkpoint ('val_loss', 'val_accuracy', ...); patience > 0 stops when it
         has not improved by more than min_delta for that many evaluations. restore_best: after
-        fit, load the best checkpoint's weights into the model.
+        fit, load the best checkpoint's weights into the model. seed: the batch order, and torch's
+        RNG (dropout) when fit starts; the model's initial weights are yours. run_dir: where
+        checkpoints, metrics.jsonl and plots go (default runs/<name>).
         """
         keywords = dict(
             lr=lr,
+            schedule=schedule,
             weight_decay=weight_decay,
             epochs=epochs,
             steps=steps,
@@ -225,10 +232,8 @@ class Trainer:
     def _check_model(self) -> tuple[int, ...]:
         """One forward pass on two training examples: the model must take them and fit the targets."""
         x, y = self.train_data.take(list(range(min(2, len(self.train_data)))))
-        was_training = self.model.training
-        self.model.eval()
         try:
-            with torch.no_grad():
+            with _eval_mode(self.model):
                 out = self.model(x.to(self.runtime.device))
         except (RuntimeError, ValueError, TypeError, IndexError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -236,8 +241,6 @@ class Trainer:
                 f"the model does not accept the training examples (each of shape {tuple(x.shape[1:])}, "
                 f"{x.dtype}): {first}"
             ) from None
-        finally:
-            self.model.train(was_training)
         if not isinstance(out, torch.Tensor):
             raise LmkilnError(f"the model must return a tensor of outputs, got {type(out).__name__}")
         if self.val_data is not None:
@@ -360,7 +363,7 @@ class Trainer:
 
         raw=True returns the model's outputs as they are (logits for classification).
         """
-        inputs = _features(_tensor(x))
+        inputs = as_features(to_tensor(x))
         chunk = 4 * (self.cfg.train.micro_batch_size or self.cfg.train.batch_size)
         with _eval_mode(self.model):
             outputs = torch.cat(
@@ -409,6 +412,7 @@ class Trainer:
             fingerprint=self._fingerprint(micro),
             tokens_in=lambda batch: batch["examples"],
             epoch_of=lambda: indices.epoch,
+            unit="examples",
         )
         loop = TrainLoop(setup, cfg, runtime, run_dir)
         fitted = loop.fit(resume=resume, force=force)
@@ -454,20 +458,16 @@ class Trainer:
         }
 
 
-class _eval_mode:
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and no gradients for the duration; the previous mode comes back afterwards."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.no_grad = model, torch.no_grad()
-
-    def __enter__(self) -> None:
-        self.was_training = self.model.training
-        self.model.eval()
-        self.no_grad.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        self.no_grad.__exit__(*exc)
-        self.model.train(self.was_training)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 # --------------------------------------------------------------------------------------------
