@@ -312,8 +312,13 @@ class Trainer:
             targets.append(y)
         return torch.cat(outputs), torch.cat(targets), float(loss_sum / count.clamp(min=1e-12))
 
-    def _metrics(self, examples: Examples, model: nn.Module, every: bool = False) -> dict[str, float]:
-        outputs, targets, loss = self._forward_all(examples, model)
+    def _metrics(self, examples: Examples, model: nn.Module) -> dict[str, float]:
+        return self._scores(*self._forward_all(examples, model))
+
+    def _scores(
+        self, outputs: torch.Tensor, targets: torch.Tensor, loss: float, every: bool = False
+    ) -> dict[str, float]:
+        """The loss and the chosen metrics (every built-in one with every=True), custom ones last."""
         computed = task_metrics(self.kind, outputs, targets)
         names = METRIC_NAMES[self.kind] if every else self.metric_names
         values = {"loss": loss, **{name: computed[name] for name in names}}
@@ -343,10 +348,10 @@ class Trainer:
         """Every metric, plus the confusion matrix and per-class F1 for classification."""
         examples = self._as_data(data)
         with _eval_mode(self.model):
-            metrics = self._metrics(examples, self.model, every=True)
-            if self.kind != "classification":
-                return Report(metrics, len(examples))
-            outputs, targets, _ = self._forward_all(examples, self.model)
+            outputs, targets, loss = self._forward_all(examples, self.model)
+        metrics = self._scores(outputs, targets, loss, every=True)
+        if self.kind != "classification":
+            return Report(metrics, len(examples))
         n_classes = outputs.shape[-1]
         predicted = outputs.argmax(dim=-1)
         names = list(class_names or self.class_names) or [str(i) for i in range(n_classes)]
