@@ -133,6 +133,19 @@ def test_literal_choices_match_the_registries():
     assert set(typing.get_args(keys["schedule.name"])) == set(SCHEDULES)
 
 
+def test_supervised_literal_choices_match_the_registries():
+    import typing
+
+    from lmkiln.model.mlp import ACTIVATIONS
+    from lmkiln.tasks import TASKS
+    from lmkiln.train.objectives import LOSS_KINDS, SUPERVISED_LOSSES
+
+    keys = all_keys()
+    assert set(typing.get_args(keys["loss.name"])) == set(SUPERVISED_LOSSES) == set(LOSS_KINDS)
+    assert set(typing.get_args(keys["mlp.activation"])) == set(ACTIVATIONS)
+    assert set(typing.get_args(keys["task"])) == set(TASKS)
+
+
 def test_presets_are_valid_configs():
     for name in MODEL_PRESETS:
         load_config(overrides=[f"model.preset={name}", "train.seq_len=64"])

@@ -44,3 +44,38 @@ def test_regression_metrics_match_sklearn():
     assert ours["mae"] == pytest.approx(
         sklearn_metrics.mean_absolute_error(target.numpy(), predicted.numpy())
     )
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_multilabel_metrics_match_sklearn(seed):
+    from lmkiln.eval.metrics import multilabel_metrics
+
+    g = torch.Generator().manual_seed(seed)
+    target = torch.rand(150, 4, generator=g) < 0.4
+    predicted = torch.where(
+        torch.rand(150, 4, generator=g) < 0.7, target, torch.rand(150, 4, generator=g) < 0.5
+    )
+    predicted[:, 3] = False  # a label that is never predicted
+    ours = multilabel_metrics(predicted, target)
+    y, p = target.numpy(), predicted.numpy()
+    assert ours["subset_accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(y, p))
+    for avg in ("macro", "micro"):
+        kw = dict(average=avg, zero_division=0)
+        assert ours[f"f1_{avg}"] == pytest.approx(sklearn_metrics.f1_score(y, p, **kw))
+        assert ours[f"precision_{avg}"] == pytest.approx(sklearn_metrics.precision_score(y, p, **kw))
+        assert ours[f"recall_{avg}"] == pytest.approx(sklearn_metrics.recall_score(y, p, **kw))
+
+
+def test_task_metrics_decode_outputs_like_the_loss():
+    from lmkiln.eval.metrics import METRIC_NAMES, task_metrics
+
+    logits = torch.tensor([[2.0, -1.0, 0.5], [-3.0, 0.1, 0.2]])
+    assert task_metrics("classification", logits, torch.tensor([0, 1]))["accuracy"] == 0.5
+    # multi-label: a positive logit means sigmoid > 0.5, i.e. predicted 1
+    assert (
+        task_metrics("multilabel", logits, torch.tensor([[1.0, 0, 1], [0, 1, 1]]))["subset_accuracy"] == 1.0
+    )
+    assert task_metrics("regression", logits[:, :1], torch.tensor([2.0, -1.0]))["mse"] == pytest.approx(2.0)
+    for kind, names in METRIC_NAMES.items():
+        target = torch.tensor([0, 1]) if kind == "classification" else torch.zeros(2, 3)
+        assert sorted(task_metrics(kind, logits, target)) == sorted(names)

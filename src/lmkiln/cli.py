@@ -147,9 +147,14 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     result = run_task(cfg, resume=resume, force=args.force, overwrite=args.overwrite and resume is None)
     if _is_main():
         print(result.summary())
+        length = (
+            f"--train.max_epochs {cfg.train.max_epochs * 2}"
+            if cfg.train.max_epochs
+            else f"--train.max_steps {cfg.train.max_steps * 2}"
+        )
         print(
             f"  lmkiln train {_recipe_args(args)}--train.run_dir {result.run_dir} --resume auto "
-            f"--train.max_steps {cfg.train.max_steps * 2}   # continue training"
+            f"{length}   # continue training"
         )
     return 0
 

@@ -167,6 +167,8 @@ class TrainConfig:
     """Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)."""
     eval_every: int = 200
     """Evaluate on the validation split every N steps (and at the end)."""
+    eval_every_epochs: int = 1
+    """With max_epochs > 0: evaluate (and check early stopping) every N epochs instead of every eval_every steps; 0 = use eval_every."""
     eval_tokens: int = 262_144
     """Upper bound on validation tokens per evaluation (the whole split if smaller)."""
     save_every: int = 500
@@ -222,6 +224,50 @@ class LogConfig:
 
 
 @dataclass
+class LossConfig:
+    name: Literal["cross_entropy", "bce", "mse", "huber"] = "cross_entropy"
+    """Supervised loss: cross_entropy (one class per example), bce (binary cross-entropy with logits: multi-label), mse or huber (regression)."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing (0 = none)."""
+    class_weights: list[float] = field(default_factory=list)
+    """Cross-entropy weight per class, in class order (empty = all 1)."""
+    huber_delta: float = 1.0
+    """Huber loss: where the quadratic part turns linear."""
+
+
+@dataclass
+class MLPConfig:
+    inputs: int = 0
+    """Input width; 0 = the number of feature columns. A value that does not match the table is an error."""
+    hidden: list[int] = field(default_factory=lambda: [128])
+    """Hidden layer widths; empty = the linear model softmax(Wx + b)."""
+    outputs: int = 0
+    """Output width; 0 = the number of classes (or target columns) in the table."""
+    activation: Literal["relu", "gelu", "tanh", "sigmoid"] = "relu"
+    """Non-linearity after each hidden layer."""
+    dropout: float = 0.0
+    """Dropout after each hidden layer's activation."""
+
+
+@dataclass
+class TableConfig:
+    path: str = "builtin:digits"
+    """Table to learn from: 'builtin:digits' (scikit-learn's bundled 8x8 handwritten digits) or a .csv/.parquet file."""
+    label: list[str] = field(default_factory=lambda: ["label"])
+    """Target column (several columns for multi-label 0/1 targets or multi-output regression)."""
+    features: list[str] = field(default_factory=list)
+    """Feature columns (numbers); empty = every column that is not a label."""
+    val_fraction: float = 0.15
+    """Share of rows held out for validation (early stopping and the best checkpoint)."""
+    test_fraction: float = 0.2
+    """Share of rows held out for the final test report."""
+    seed: int = 0
+    """Seed of the train/validation/test row split."""
+    standardize: bool = True
+    """Scale every feature to zero mean and unit variance with the training rows' statistics."""
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -231,10 +277,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    table: TableConfig = field(default_factory=TableConfig)
     name: str = "default"
     """Name of the run (the recipe name unless set)."""
-    task: Literal["pretrain"] = "pretrain"
-    """What `lmkiln train` builds and trains (see lmkiln/tasks.py)."""
+    task: Literal["pretrain", "supervised"] = "pretrain"
+    """What `lmkiln train` builds and trains (see lmkiln/tasks.py): pretrain a language model, or fit an MLP to a table (supervised)."""
 
 
 # --------------------------------------------------------------------------------------------

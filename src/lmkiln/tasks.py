@@ -26,8 +26,15 @@ def _pretrain(cfg: Config, **kwargs: Any) -> TaskResult:
     return pretrain(cfg, **kwargs)
 
 
+def _supervised(cfg: Config, **kwargs: Any) -> TaskResult:
+    from lmkiln.train.tabular import train_table
+
+    return train_table(cfg, **kwargs)
+
+
 TASKS: dict[str, Callable[..., TaskResult]] = {
     "pretrain": _pretrain,
+    "supervised": _supervised,
 }
 
 

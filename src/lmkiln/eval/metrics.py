@@ -49,3 +49,67 @@ def per_class_f1(predicted: torch.Tensor, target: torch.Tensor, n_classes: int) 
 def regression_metrics(predicted: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     error = predicted.double().reshape(target.shape) - target.double()
     return {"mse": float(error.pow(2).mean()), "mae": float(error.abs().mean())}
+
+
+def multilabel_metrics(predicted: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """(N, L) 0/1 predictions against (N, L) 0/1 targets: subset accuracy, macro/micro P/R/F1.
+
+    Macro averages over labels (zero where a label is never predicted/present), micro pools every
+    (example, label) decision: scikit-learn's definitions with zero_division=0.
+    """
+    predicted, target = predicted.bool(), target.bool()
+    tp = (predicted & target).sum(dim=0).double()  # (L,)
+    predicted_count, support = predicted.sum(dim=0).double(), target.sum(dim=0).double()
+    precision, recall = _safe_divide(tp, predicted_count), _safe_divide(tp, support)
+    f1 = _safe_divide(2 * precision * recall, precision + recall)
+    micro_p = _safe_divide(tp.sum(), predicted_count.sum())
+    micro_r = _safe_divide(tp.sum(), support.sum())
+    return {
+        "subset_accuracy": float((predicted == target).all(dim=1).double().mean()),
+        "precision_macro": float(precision.mean()),
+        "recall_macro": float(recall.mean()),
+        "f1_macro": float(f1.mean()),
+        "precision_micro": float(micro_p),
+        "recall_micro": float(micro_r),
+        "f1_micro": float(_safe_divide(2 * micro_p * micro_r, micro_p + micro_r)),
+    }
+
+
+# What each kind of target is scored with (all are computed; these are shown by default), and
+# which way each metric improves (early stopping needs to know).
+DEFAULT_METRICS: dict[str, list[str]] = {
+    "classification": ["accuracy", "f1_macro"],
+    "multilabel": ["f1_micro", "f1_macro"],
+    "regression": ["mse", "mae"],
+}
+METRIC_NAMES: dict[str, list[str]] = {
+    "classification": [
+        "accuracy",
+        *(f"{m}_{avg}" for avg in ("macro", "micro") for m in ("precision", "recall", "f1")),
+    ],
+    "multilabel": [
+        "subset_accuracy",
+        *(f"{m}_{avg}" for avg in ("macro", "micro") for m in ("precision", "recall", "f1")),
+    ],
+    "regression": ["mse", "mae"],
+}
+LOWER_IS_BETTER = {"loss", "mse", "mae"}
+HIGHER_IS_BETTER = {
+    "accuracy",
+    "subset_accuracy",
+    *(f"{m}_{avg}" for m in ("precision", "recall", "f1") for avg in ("macro", "micro")),
+}
+
+
+def task_metrics(kind: str, outputs: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """Every metric of a target kind from raw model outputs (logits, or values for regression).
+
+    classification: outputs (N, C) logits, target (N,) ids; multilabel: outputs (N, L) logits,
+    target (N, L) 0/1 (predicted 1 where sigmoid > 0.5, i.e. logit > 0); regression: any shapes
+    with equal element counts.
+    """
+    if kind == "classification":
+        return classification_metrics(outputs.argmax(dim=-1), target, outputs.shape[-1])
+    if kind == "multilabel":
+        return multilabel_metrics(outputs > 0, target > 0.5)
+    return regression_metrics(outputs, target)

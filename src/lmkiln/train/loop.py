@@ -73,6 +73,8 @@ class TrainSetup:
     """Tokens (or examples) a micro-batch holds, for throughput."""
     epoch_of: Callable[[], int] | None = None
     """Completed epochs of the training data, for epoch-based stopping."""
+    unit: str = "tokens"
+    """What tokens_in counts ('tokens' or 'examples'): the progress display says tok/s or ex/s."""
 
 
 @dataclass
@@ -383,13 +385,14 @@ class TrainLoop:
                     window_loss += result.loss
                     window_steps += 1
                     self.state.train_seconds = seconds_before + time.perf_counter() - started
+                    epoch_before = self.state.epoch
                     if setup.epoch_of is not None:
                         self.state.epoch = setup.epoch_of()
                     last = self.state.step == setup.total_steps or self._epochs_done()
                     if self.state.step % tcfg.log_every == 0 or last:
                         self._log_step(window_loss, window_steps, lr, result, throughput)
                         window_loss, window_steps = torch.zeros((), device=runtime.device), 0
-                    if setup.evaluate is not None and (self.state.step % tcfg.eval_every == 0 or last):
+                    if setup.evaluate is not None and (self._eval_due(epoch_before) or last):
                         if self._evaluate(final=last):
                             stop_reason = "early_stopping"
                             last = True
@@ -403,9 +406,16 @@ class TrainLoop:
                             stop_reason = "max_epochs"
                         break
         finally:
-            self.log.plot()
+            self.log.plot(force=True)
             self.log.close()
         return FitResult(self.state, self.last_eval, self._latest_path(), stop_reason, first_eval)
+
+    def _eval_due(self, epoch_before: int) -> bool:
+        """Every eval_every steps; epoch-based runs (max_epochs > 0) every eval_every_epochs epochs."""
+        per_epochs = self.tcfg.eval_every_epochs
+        if self.tcfg.max_epochs and per_epochs and self.setup.epoch_of is not None:
+            return self.state.epoch != epoch_before and self.state.epoch % per_epochs == 0
+        return self.state.step % self.tcfg.eval_every == 0
 
     def _epochs_done(self) -> bool:
         return bool(self.tcfg.max_epochs) and self.state.epoch >= self.tcfg.max_epochs
@@ -502,7 +512,8 @@ class TrainLoop:
         self.log.record("train", values)
         rate = self.state.step / max(self.state.train_seconds, 1e-9)
         eta = (self.setup.total_steps - self.state.step) / rate if rate else float("inf")
-        shown = {"loss": loss, "lr": lr, "grad": values["grad_norm"], "tokens_per_s": values["tokens_per_s"]}
+        shown = {"loss": loss, "lr": lr, "grad": values["grad_norm"]}
+        shown[f"{self.setup.unit}_per_s"] = values["tokens_per_s"]
         if "mfu" in values:
             shown["mfu"] = values["mfu"]
         self.log.progress(self.state.step, shown, eta)
@@ -514,9 +525,15 @@ class TrainLoop:
         with torch.no_grad(), self.runtime.autocast():
             metrics = self.setup.evaluate(model, self.runtime)
         model.train(was_training)
-        self.log.record("eval", {"step": self.state.step, **metrics})
+        where = {"step": self.state.step}
+        if self.setup.epoch_of is not None:
+            where["epoch"] = self.state.epoch
+        self.log.record("eval", {**where, **metrics})
         self.log.message(
-            f"eval step {self.state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            "eval "
+            + " ".join(f"{k} {v}" for k, v in where.items())
+            + ": "
+            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         )
         return metrics
 

@@ -52,6 +52,7 @@ class RunLog:
         self.bar = None
         self.metrics_file = None
         self.tensorboard = None
+        self._plotted_at, self._plot_seconds = 0.0, 0.0
         if not enabled:
             return
         if directory is not None:
@@ -112,10 +113,19 @@ class RunLog:
         else:
             print(text, file=sys.stderr, flush=True)
 
-    def plot(self) -> Path | None:
+    def plot(self, force: bool = False) -> Path | None:
+        """Redraw the curves; between forced redraws, only once the run has spent 10x the last
+        drawing's time elsewhere (frequent evaluations, e.g. every epoch of a small model, would
+        otherwise spend most of the run in matplotlib)."""
         if not (self.enabled and self.cfg.plot and self.directory is not None):
             return None
-        return plot_curves(self.history, self.directory / "plots" / "loss.png")
+        now = time.perf_counter()
+        if not force and now - self._plotted_at < 10 * self._plot_seconds:
+            return None
+        path = plot_curves(self.history, self.directory / "plots" / "loss.png")
+        self._plotted_at = time.perf_counter()
+        self._plot_seconds = self._plotted_at - now
+        return path
 
     def close(self) -> None:
         if self.bar is not None:
@@ -134,6 +144,8 @@ def _format_metric(key: str, value: Any) -> str:
         return f"lr {value:.2e}"
     if key == "tokens_per_s":
         return f"{format_count(value)} tok/s"
+    if key == "examples_per_s":
+        return f"{format_count(value)} ex/s"
     if key == "mfu":
         return f"mfu {100 * value:.0f}%"
     if isinstance(value, float):

@@ -1,0 +1,31 @@
+"""The textbook MLP on real images, trained by lmkiln's loop (progress, evaluation, checkpoints, resume, plots).
+
+Model, loss and optimizer are the classic ones, in plain PyTorch: Linear(64, 128) → ReLU → Linear(128, 10),
+CrossEntropyLoss, SGD(lr=0.01). Data: scikit-learn's bundled 8x8 handwritten digits (no download).
+    pip install 'lmkiln[classic]'; python examples/mlp_digits.py
+"""
+
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+from torch import nn, optim
+
+import lmkiln
+
+X, y = load_digits(return_X_y=True)  # 1,797 images, 64 pixels each (0..16), labels 0..9
+X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.2, stratify=y, random_state=0)
+X_train, X_val, y_train, y_val = train_test_split(X_train, y_train, test_size=0.15, random_state=0)
+scaler = StandardScaler().fit(X_train)
+X_train, X_val, X_test = scaler.transform(X_train), scaler.transform(X_val), scaler.transform(X_test)
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+criterion = nn.CrossEntropyLoss()
+optimizer = optim.SGD(model.parameters(), lr=0.01)
+
+trainer = lmkiln.Trainer(model, (X_train, y_train), (X_val, y_val), loss=criterion, optimizer=optimizer,
+                         epochs=50, batch_size=16, run_dir="runs/mlp-digits")  # fmt: skip
+result = trainer.fit(overwrite=True)
+test = trainer.evaluate((X_test, y_test))
+print(f"MLP: test accuracy {test['accuracy']:.4f} after {result.epochs} epochs in {result.seconds:.1f} s")
