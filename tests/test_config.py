@@ -112,6 +112,7 @@ def test_every_field_has_a_docstring():
         ScheduleConfig(),
         Config().train,
         Config().log,
+        Config().encoder,
     ):
         docs = field_docs(type(section))
         missing = [f for f in vars(section) if f not in docs]

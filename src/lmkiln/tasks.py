@@ -26,8 +26,15 @@ def _pretrain(cfg: Config, **kwargs: Any) -> TaskResult:
     return pretrain(cfg, **kwargs)
 
 
+def _encoder(cfg: Config, **kwargs: Any) -> TaskResult:
+    from lmkiln.interop.encoder_task import train_encoder
+
+    return train_encoder(cfg, **kwargs)
+
+
 TASKS: dict[str, Callable[..., TaskResult]] = {
     "pretrain": _pretrain,
+    "encoder": _encoder,
 }
 
 
