@@ -94,3 +94,30 @@ def test_context_longer_than_block_size_is_refused():
     m = model(**LLAMA)
     with pytest.raises(ValueError, match="exceeds the model's context"):
         m(torch.zeros(1, 49, dtype=torch.long))
+
+
+def test_sliding_window_sees_only_the_last_window_tokens():
+    # one layer: the logits at t depend on tokens t-7..t only, and RoPE is relative, so they equal
+    # the last logits of those 8 tokens run alone
+    m = model(**{**LLAMA, "n_layer": 1, "sliding_window": 8})
+    x = torch.randint(0, 97, (2, 30))
+    full = m(x)
+    for t in (7, 19, 29):
+        torch.testing.assert_close(full[:, t], m(x[:, t - 7 : t + 1])[:, -1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(full, model(**{**LLAMA, "n_layer": 1})(x), atol=1e-3)
+
+
+def test_kv_cache_matches_full_recomputation_with_a_sliding_window():
+    m = model(**{**LLAMA, "sliding_window": 6})
+    x = torch.randint(0, 97, (2, 24))
+    cache = KVCache.empty(m.cfg, 2, 48, x.device, torch.float32)
+    pieces = [m(x[:, :10], cache=cache)] + [m(x[:, t : t + 1], cache=cache) for t in range(10, 24)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), m(x), atol=1e-5, rtol=1e-5)
+
+
+def test_qkv_bias_and_explicit_head_size_shape_the_attention():
+    m = model(**{**LLAMA, "qkv_bias": True, "head_size": 24})
+    attn = m.blocks[0].attn
+    assert attn.wqkv.bias is not None and attn.wo.bias is None
+    assert attn.wqkv.weight.shape == ((4 + 2 * 2) * 24, 64) and attn.wo.weight.shape == (64, 4 * 24)
+    assert m(torch.randint(0, 97, (1, 5))).shape == (1, 5, 97)

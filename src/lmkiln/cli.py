@@ -223,6 +223,162 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# Hugging Face interop and encoders
+
+
+def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise LmkilnError(f"unexpected arguments: {_quote(extra)}")
+    from lmkiln.interop.hf_export import export_run, parse_size, verify_export
+
+    report = export_run(
+        args.run_dir,
+        args.out_dir,
+        dtype=args.dtype,
+        max_shard_bytes=parse_size(args.max_shard_size),
+        overwrite=args.overwrite,
+    )
+    print(
+        f"exported {report.checkpoint} (step {report.step}) as {report.architecture}: "
+        f"{report.parameters / 1e6:.2f}M parameters, {report.bytes / 1e6:.1f} MB in {report.seconds:.2f} s"
+    )
+    print(f"  {report.out_dir}/: {', '.join(report.files)}")
+    if args.verify:
+        from lmkiln.infer.load import load_run
+
+        loaded = load_run(args.run_dir)
+        check = verify_export(loaded.model, loaded.tokenizer, report.out_dir, args.dtype)
+        status = "ok" if check.tokens_equal and check.max_abs_logits_diff <= 1e-4 else "MISMATCH"
+        print(
+            f"verified with transformers: max |Δlogits| {check.max_abs_logits_diff:.2e}, token ids "
+            f"{'identical' if check.tokens_equal else 'differ'}, chat template "
+            f"{'identical' if check.template_equal else 'differs'} → {status}"
+        )
+        for problem in check.mismatches:
+            print(f"  {problem}")
+        if status != "ok":
+            return 1
+    print(f"load it: AutoModelForCausalLM.from_pretrained({str(report.out_dir)!r})")
+    return 0
+
+
+def _read_texts(path: str, field: str, id_field: str | None) -> tuple[list[str], list]:
+    """Texts (and ids) from a .jsonl file (one object per line) or a .txt file (one text per line)."""
+    from pathlib import Path
+
+    from lmkiln.interop.encoders import read_jsonl, require_text
+
+    if Path(path).suffix.lower() == ".txt":
+        from lmkiln.data.corpus import iter_documents
+
+        docs = [d for d in iter_documents(path, text_unit="line")]
+        return [d.text for d in docs], [int(d.key.rsplit(":", 1)[1]) for d in docs]
+    rows = read_jsonl(path, (field,), optional=(id_field,) if id_field else ())
+    ids = [row.get(id_field, row["_line"]) if id_field else row["_line"] for row in rows]
+    return [require_text(row, field, path) for row in rows], ids
+
+
+def cmd_embed(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise LmkilnError(f"unexpected arguments: {_quote(extra)}")
+    from lmkiln.interop.encoders import embed_texts, load_encoder, write_embeddings
+
+    texts, ids = _read_texts(args.data, args.field, args.id_field)
+    loaded = load_encoder(args.model, pooling=args.pooling)
+    max_length = args.max_length or loaded.meta.get("max_length", 128)
+    vectors = embed_texts(
+        loaded.model, loaded.tokenizer, texts, max_length=max_length, batch_size=args.batch_size
+    )
+    files = write_embeddings(args.out, vectors, ids, {"model": str(args.model), **loaded.meta})
+    print(
+        f"embedded {len(texts)} texts → {vectors.shape[1]}-dimensional unit vectors "
+        f"({loaded.meta['pooling']} pooling): {', '.join(files)}"
+    )
+    return 0
+
+
+def cmd_eval_retrieval(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise LmkilnError(f"unexpected arguments: {_quote(extra)}")
+    import json
+
+    from lmkiln.interop.encoders import evaluate_pairs, load_encoder, read_jsonl, require_text
+
+    rows = read_jsonl(args.pairs, (args.query_field, args.positive_field))
+    queries = [require_text(r, args.query_field, args.pairs) for r in rows]
+    positives = [require_text(r, args.positive_field, args.pairs) for r in rows]
+    loaded = load_encoder(args.model, pooling=args.pooling)
+    ks = tuple(sorted({int(k) for k in args.k.split(",") if k}))
+    found = evaluate_pairs(
+        loaded.model,
+        loaded.tokenizer,
+        queries,
+        positives,
+        max_length=args.max_length or loaded.meta.get("max_length", 128),
+        batch_size=args.batch_size,
+        ks=ks,
+    )
+    if args.json:
+        print(json.dumps({"pairs": len(rows), **found}))
+        return 0
+    print(
+        f"{len(rows)} queries, {len(set(positives))} candidate documents ({loaded.meta['pooling']} pooling)"
+    )
+    for name, value in found.items():
+        print(f"  {name:<10} {value:.4f}")
+    return 0
+
+
+def _add_interop_commands(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser(
+        "export", help="export a trained run as a Hugging Face model directory", allow_abbrev=False
+    )
+    export.add_argument("run_dir", help="run directory (or one of its checkpoints)")
+    export.add_argument("--to", choices=["hf"], default="hf", help="format (hf: transformers directory)")
+    export.add_argument("out_dir", help="directory to write")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    export.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this size")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    export.add_argument(
+        "--verify", action="store_true", help="load the result with transformers and compare logits/ids"
+    )
+    export.set_defaults(func=cmd_export)
+
+    def encoder_options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("model", help="local Hugging Face encoder directory or an encoder run directory")
+        parser.add_argument(
+            "--pooling", choices=["mean", "cls"], help="default: what the model saved, else mean"
+        )
+        parser.add_argument(
+            "--max-length", type=int, default=0, help="tokens per text (default: saved, else 128)"
+        )
+        parser.add_argument("--batch-size", type=int, default=32)
+
+    embed = sub.add_parser("embed", help="write sentence embeddings of texts", allow_abbrev=False)
+    encoder_options(embed)
+    embed.add_argument(
+        "--data", required=True, help=".jsonl (one object per line) or .txt (one text per line)"
+    )
+    embed.add_argument("--field", default="text", help="JSONL field holding the text")
+    embed.add_argument("--id-field", help="JSONL field holding an id (default: the line number)")
+    embed.add_argument("--out", required=True, help="FILE.npy (+ FILE.ids.json) or FILE.safetensors")
+    embed.set_defaults(func=cmd_embed)
+
+    evaluate = sub.add_parser(
+        "eval-retrieval",
+        help="recall@k and MRR of finding each query's positive among all positives",
+        allow_abbrev=False,
+    )
+    encoder_options(evaluate)
+    evaluate.add_argument("--pairs", required=True, help="JSONL with a query and a positive per line")
+    evaluate.add_argument("--query-field", default="query")
+    evaluate.add_argument("--positive-field", default="positive")
+    evaluate.add_argument("--k", default="1,5,10", help="comma-separated cut-offs for recall@k")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(func=cmd_eval_retrieval)
+
+
+# --------------------------------------------------------------------------------------------
 # Parser and entry point
 
 
@@ -278,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stop", action="append", help="stop string (repeatable)")
     generate.add_argument("--device", default="cpu")
     generate.set_defaults(func=cmd_generate)
+    _add_interop_commands(sub)
     return parser
 
 

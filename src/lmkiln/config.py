@@ -99,6 +99,22 @@ class ModelConfig:
     """Dropout on attention weights, residual branches and embeddings."""
     init_std: float = 0.02
     """Standard deviation of the weight initialisation (residual projections are scaled by 1/sqrt(2*n_layer))."""
+    head_size: int = 0
+    """Width of each attention head; 0 derives d_model // n_head (imported models may set it explicitly)."""
+    qkv_bias: bool = False
+    """Biases on the query/key/value projection only (Qwen2 style); `bias` turns on every bias."""
+    sliding_window: int = 0
+    """Each token attends to at most this many most recent tokens, itself included (Mistral style); 0 = the whole context."""
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    """RoPE context extension: none, every frequency divided by rope_factor, or Llama 3.1's frequency-dependent scheme."""
+    rope_factor: float = 1.0
+    """Context-extension factor of rope_scaling linear and llama3."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 scaling: wavelengths longer than rope_original_context / this are divided by rope_factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 scaling: wavelengths shorter than rope_original_context / this are kept; those between are blended."""
+    rope_original_context: int = 8192
+    """llama3 scaling: the context length the model was pretrained with before the extension."""
 
     @property
     def kv_heads(self) -> int:
@@ -106,7 +122,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        return self.head_size or self.d_model // self.n_head
 
     @property
     def ffn_dim(self) -> int:
@@ -201,6 +217,8 @@ class TrainConfig:
     """CPU threads for torch; 0 keeps torch's default."""
     sample_tokens: int = 64
     """Tokens to sample from the model when training ends (0 to skip)."""
+    init_from: str = ""
+    """An lmkiln run/checkpoint directory or a local Hugging Face model directory to start from; the model shape and tokenizer come from there (model.dropout stays yours)."""
 
 
 @dataclass
@@ -268,6 +286,38 @@ class TableConfig:
 
 
 @dataclass
+class EncoderConfig:
+    base: str = ""
+    """Local Hugging Face encoder directory to fine-tune (BERT, RoBERTa, DistilBERT, MiniLM, ...); never downloaded."""
+    data: str = ""
+    """Training JSONL: one {query, positive} pair per line (retrieval) or one {text, label} row (classification)."""
+    val_data: str = ""
+    """Validation JSONL of the same shape; empty holds out val_fraction of data."""
+    val_fraction: float = 0.1
+    """Share of data held out for validation when val_data is empty (seeded by data.seed)."""
+    objective: Literal["retrieval", "classification"] = "retrieval"
+    """retrieval: in-batch-negative contrastive loss on pooled embeddings; classification: linear head + cross-entropy."""
+    query_field: str = "query"
+    """JSONL field of the query text (retrieval)."""
+    positive_field: str = "positive"
+    """JSONL field of the matching document text (retrieval)."""
+    text_field: str = "text"
+    """JSONL field of the text to classify (classification)."""
+    label_field: str = "label"
+    """JSONL field of the class label, a string or an integer (classification)."""
+    max_length: int = 128
+    """Longest input in tokens, special tokens included; longer texts are truncated."""
+    pooling: Literal["mean", "cls"] = "mean"
+    """Sentence embedding: mean of the token states (padding excluded) or the first ([CLS]) token's state."""
+    temperature: float = 0.05
+    """Contrastive loss: cosine similarities are divided by this before the softmax (0.05 = sentence-transformers' scale 20)."""
+    symmetric: bool = False
+    """Contrastive loss: also find each positive's query among the batch's queries (both directions count)."""
+    classifier_dropout: float = 0.1
+    """Dropout on the pooled embedding before the classification head."""
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -280,10 +330,11 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
     table: TableConfig = field(default_factory=TableConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
     name: str = "default"
     """Name of the run (the recipe name unless set)."""
-    task: Literal["pretrain", "supervised"] = "pretrain"
-    """What `lmkiln train` builds and trains (see lmkiln/tasks.py): pretrain a language model, or fit an MLP to a table (supervised)."""
+    task: Literal["pretrain", "supervised", "encoder"] = "pretrain"
+    """What `lmkiln train` builds and trains (see lmkiln/tasks.py): pretrain a language model, fit an MLP to a table (supervised), or fine-tune an encoder (encoder)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,12 +588,16 @@ def build_config(layers: list[Layer], config_cls: type = Config) -> Config:
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single field's type cannot express."""
     m, t = cfg.model, cfg.train
-    if m.d_model % m.n_head:
+    if m.d_model % m.n_head and not m.head_size:
         raise LmkilnError(f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
     if m.n_head % m.kv_heads:
         raise LmkilnError(f"model.n_head ({m.n_head}) must be divisible by model.n_kv_head ({m.kv_heads})")
     if m.position == "rope" and m.head_dim % 2:
-        raise LmkilnError(f"rotary embeddings need an even head size; d_model/n_head is {m.head_dim}")
+        raise LmkilnError(f"rotary embeddings need an even head size; the head size is {m.head_dim}")
+    if m.rope_scaling != "none" and m.rope_factor <= 0:
+        raise LmkilnError(f"model.rope_factor must be positive with rope_scaling={m.rope_scaling}")
+    if m.rope_scaling == "llama3" and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+        raise LmkilnError("model.rope_high_freq_factor must be larger than model.rope_low_freq_factor")
     if t.seq_len > m.block_size:
         raise LmkilnError(
             f"train.seq_len ({t.seq_len}) is longer than the model's maximum context "

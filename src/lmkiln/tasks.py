@@ -32,9 +32,16 @@ def _supervised(cfg: Config, **kwargs: Any) -> TaskResult:
     return train_table(cfg, **kwargs)
 
 
+def _encoder(cfg: Config, **kwargs: Any) -> TaskResult:
+    from lmkiln.interop.encoder_task import train_encoder
+
+    return train_encoder(cfg, **kwargs)
+
+
 TASKS: dict[str, Callable[..., TaskResult]] = {
     "pretrain": _pretrain,
     "supervised": _supervised,
+    "encoder": _encoder,
 }
 
 

@@ -4,9 +4,9 @@
 
 - Llama: RMSNorm, rotary positions, SwiGLU, grouped-query attention, no biases.
 - GPT-2: LayerNorm, learned positions, GELU, biases.
-Attention goes through `F.scaled_dot_product_attention`. Three things can restrict it beyond
-causality: `doc_ids` (packed documents never see each other), `attention_mask` (padding) and a
-`KVCache` (generation: new queries attend to cached keys). Shapes are noted as (B, T, ...) with
+Attention goes through `F.scaled_dot_product_attention`. Four things can restrict it beyond
+causality: `doc_ids` (packed documents never see each other), `attention_mask` (padding), a
+`KVCache` (generation: new queries attend to cached keys) and `cfg.sliding_window` (Mistral). Shapes are noted as (B, T, ...) with
 B batch, T tokens, H heads, K key/value heads, D head size, C model width, V vocabulary.
 """
 
@@ -42,9 +42,37 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Rotation speed of each channel pair (D/2,), stretched by the config's RoPE scaling.
+
+    linear divides every frequency by rope_factor; llama3 (Llama 3.1) divides only the slow ones
+    (wavelength above rope_original_context / rope_low_freq_factor), keeps the fast ones
+    (below rope_original_context / rope_high_freq_factor) and blends those in between.
+    """
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    if cfg.rope_scaling == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_scaling != "llama3":
+        return inv_freq
+    wavelength = 2 * math.pi / inv_freq
+    context, factor = cfg.rope_original_context, cfg.rope_factor
+    slow = wavelength > context / cfg.rope_low_freq_factor
+    fast = wavelength < context / cfg.rope_high_freq_factor
+    scaled = torch.where(slow, inv_freq / factor, inv_freq)
+    blend = (context / wavelength - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+    )
+    blended = (1 - blend) * scaled / factor + blend * scaled
+    return torch.where(~slow & ~fast, blended, scaled)
+
+
+def rope_tables(
+    head_dim: int, length: int, base: float, inv_freq: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (length, head_dim), in the rotate-half layout Hugging Face uses."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if inv_freq is None:
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (length, D/2)
     angles = torch.cat([angles, angles], dim=-1)  # (length, D)
     return angles.cos(), angles.sin()
@@ -84,7 +112,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
+        self.wqkv = nn.Linear(
+            cfg.d_model, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias or cfg.qkv_bias
+        )
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
 
@@ -169,7 +199,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_embed.weight
         if cfg.position == "rope":
-            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_base)
+            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_base, rope_inv_freq(cfg))
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -219,7 +249,9 @@ class Transformer(nn.Module):
                 self.rope_sin[position_ids].unsqueeze(1).to(x.dtype),
             )
         x = self.drop(x)
-        mask = build_mask(T, start, doc_ids, attention_mask, cache is not None, x.device)
+        mask = build_mask(
+            T, start, doc_ids, attention_mask, cache is not None, x.device, self.cfg.sliding_window
+        )
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, mask, cache, layer)
         if cache is not None:
@@ -237,18 +269,23 @@ def build_mask(
     attention_mask: torch.Tensor | None,
     cached: bool,
     device: torch.device,
+    window: int = 0,
 ) -> torch.Tensor | None:
     """Boolean (B or 1, 1, T, start+T) mask, True where a query may attend; None for plain causal.
 
     Queries are the columns start..start+T-1 of the key sequence. `attention_mask` (B, start+T)
-    marks real keys (1) and padding (0); `doc_ids` (B, T) restricts attention to the same document.
+    marks real keys (1) and padding (0); `doc_ids` (B, T) restricts attention to the same document;
+    a `window` > 0 lets query i see only keys i-window+1..i (sliding-window attention).
     The diagonal is always allowed so that padding rows never become all -inf (NaN).
     """
-    if doc_ids is None and attention_mask is None and (not cached or T == 1):
+    windowed = 0 < window < start + T
+    if doc_ids is None and attention_mask is None and not windowed and (not cached or T == 1):
         return None  # plain causal (is_causal), or a decode step that sees every cached key
     q = torch.arange(start, start + T, device=device)
     k = torch.arange(start + T, device=device)
     allowed = (k[None, :] <= q[:, None])[None, None]  # (1, 1, T, S)
+    if windowed:
+        allowed = allowed & (k[None, :] > q[:, None] - window)[None, None]
     if doc_ids is not None:
         same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
         if start:

@@ -24,7 +24,9 @@ from lmkiln.errors import LmkilnError
 from lmkiln.train.runtime import Runtime
 
 
-def parallelize(model: nn.Module, cfg: Config, runtime: Runtime) -> nn.Module:
+def parallelize(
+    model: nn.Module, cfg: Config, runtime: Runtime, find_unused_parameters: bool = False
+) -> nn.Module:
     """The module forward/backward run through: DDP wrapper, FSDP2-sharded model, maybe compiled.
 
     Call before building the optimizer: FSDP2 turns parameters into sharded DTensors.
@@ -47,7 +49,9 @@ def parallelize(model: nn.Module, cfg: Config, runtime: Runtime) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        train_model = DistributedDataParallel(model, device_ids=ids)
+        train_model = DistributedDataParallel(
+            model, device_ids=ids, find_unused_parameters=find_unused_parameters
+        )
     elif cfg.dist.strategy == "fsdp":
         pass  # one process: nothing to shard
     if cfg.train.compile:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmkiln.config import Config, ModelConfig
+from lmkiln.config import Config, ModelConfig, validate
 from lmkiln.data.loader import RandomWindows, eval_windows
 from lmkiln.data.prepare import TokenizerReport, build_tokenizer
 from lmkiln.data.shards import PrepareReport, TokenShards, is_shard_set, prepare_shards
@@ -18,7 +19,7 @@ from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.errors import LmkilnError
 from lmkiln.model.transformer import Transformer, count_parameters, training_flops_per_token
 from lmkiln.train.distributed import parallelize
-from lmkiln.train.loop import FitResult, TrainLoop, TrainSetup
+from lmkiln.train.loop import FitResult, TrainLoop, TrainSetup, load_model_tensors, model_tensors
 from lmkiln.train.objectives import LanguageModelLoss
 from lmkiln.train.optim import build_optimizer
 from lmkiln.train.run import prepare_run_dir, run_dir_of
@@ -192,6 +193,22 @@ def _describe(
     )
 
 
+def adopt_init_from(cfg: Config) -> dict[str, torch.Tensor]:
+    """Take model shape and tokenizer from cfg.train.init_from and return its weights.
+
+    The config is rewritten (model section, tokenizer.kind=file) so that the saved config.yaml
+    says exactly what was trained and the shards are prepared with the source's tokenizer.
+    """
+    from lmkiln.interop.hf_import import load_pretrained, tokenizer_directory
+
+    source = load_pretrained(cfg.train.init_from)
+    cfg.model = dataclasses.replace(source.config, dropout=cfg.model.dropout)
+    cfg.tokenizer.kind, cfg.tokenizer.path = "file", str(tokenizer_directory(cfg.train.init_from))
+    validate(cfg)
+    log.info("starting from %s (%s)", cfg.train.init_from, source.architecture)
+    return model_tensors(source.model)
+
+
 def prepare_data(cfg: Config) -> tuple[TokenizerReport, PrepareReport]:
     """The tokenizer and the shards of a config; a prepared shard set is used as it is."""
     if is_shard_set(cfg.data.corpus):
@@ -215,6 +232,7 @@ def pretrain(
     runtime: Runtime | None = None,
 ) -> PretrainResult:
     runtime = runtime or Runtime.start(cfg.train, cfg.dist)
+    initial = adopt_init_from(cfg) if cfg.train.init_from else None
     tok_report = shard_report = None
     if runtime.is_main:
         tok_report, shard_report = prepare_data(cfg)
@@ -232,6 +250,8 @@ def pretrain(
     shards.check_tokenizer(tokenizer)
 
     model = build_model(cfg.model, runtime.device, cfg.train.seed)
+    if initial is not None:
+        load_model_tensors(model, initial, cfg.train.init_from)
     if runtime.is_main:
         _describe(cfg, runtime, tok_report, shard_report, model, run_dir)
     train_model = parallelize(model, cfg, runtime)  # before the optimizer: FSDP2 shards parameters
