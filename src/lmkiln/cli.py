@@ -62,8 +62,10 @@ def _quote(args: list[str]) -> str:
 def cmd_recipes(args: argparse.Namespace, extra: list[str]) -> int:
     from lmkiln.config import recipe_names, recipe_summary
 
-    for name in recipe_names():
-        print(f"{name:<20} {recipe_summary(name)}")
+    names = recipe_names()
+    width = max(map(len, names)) + 2
+    for name in names:
+        print(f"{name:<{width}}{recipe_summary(name)}")
     return 0
 
 

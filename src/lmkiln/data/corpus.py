@@ -108,7 +108,7 @@ def _key_base(spec: str) -> Path:
     return Path(*parts) if parts else Path(".")
 
 
-def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+def decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, text) for each line, decoding UTF-8 strictly with a precise error."""
     offset = 0
     with open(path, "rb") as fh:
@@ -128,16 +128,16 @@ def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 def _read_text(path: Path, text_unit: str) -> Iterator[Document]:
     if text_unit == "file":
-        text = "".join(line for _, line in _decoded_lines(path))
+        text = "".join(line for _, line in decoded_lines(path))
         yield Document(str(path), text)
         return
     if text_unit == "line":
-        for number, line in _decoded_lines(path):
+        for number, line in decoded_lines(path):
             yield Document(f"{path}:{number}", line.rstrip("\r\n"))
         return
     paragraph: list[str] = []
     start = 1
-    for number, line in _decoded_lines(path):
+    for number, line in decoded_lines(path):
         if line.strip():
             if not paragraph:
                 start = number
@@ -155,8 +155,9 @@ def _field_text(value: object, path: Path, where: str, field: str) -> str:
     raise LmkilnError(f"{path}:{where}: field {field!r} must be a string, got {type(value).__name__}")
 
 
-def _read_jsonl(path: Path, field: str) -> Iterator[Document]:
-    for number, line in _decoded_lines(path):
+def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, object) for every non-blank line; a bad line raises naming path:line."""
+    for number, line in decoded_lines(path):
         if not line.strip():
             continue
         try:
@@ -165,6 +166,11 @@ def _read_jsonl(path: Path, field: str) -> Iterator[Document]:
             raise LmkilnError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
         if not isinstance(row, dict):
             raise LmkilnError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        yield number, row
+
+
+def _read_jsonl(path: Path, field: str) -> Iterator[Document]:
+    for number, row in jsonl_rows(path):
         if field not in row:
             raise LmkilnError(
                 f"{path}:{number}: no field {field!r} (fields: {', '.join(row) or 'none'}); "
@@ -175,7 +181,7 @@ def _read_jsonl(path: Path, field: str) -> Iterator[Document]:
 
 def _read_csv(path: Path, field: str) -> Iterator[Document]:
     csv.field_size_limit(2**31 - 1)
-    lines = (line for _, line in _decoded_lines(path))
+    lines = (line for _, line in decoded_lines(path))
     reader = csv.DictReader(lines)
     if reader.fieldnames is None:
         return

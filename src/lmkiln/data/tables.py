@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from lmkiln.config import TableConfig
-from lmkiln.data.corpus import _decoded_lines
+from lmkiln.data.corpus import decoded_lines
 from lmkiln.errors import LmkilnError
 
 BUILTIN_DIGITS = "builtin:digits"
@@ -93,7 +93,7 @@ def _read_digits() -> RawTable:
 
 def _read_csv(path: Path) -> RawTable:
     csv.field_size_limit(2**31 - 1)
-    reader = csv.reader(line for _, line in _decoded_lines(path))
+    reader = csv.reader(line for _, line in decoded_lines(path))
     header = next(reader, None)
     if not header:
         raise LmkilnError(f"{path}: empty file; expected a header line with column names")

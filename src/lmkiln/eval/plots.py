@@ -40,6 +40,13 @@ def plot_confusion_matrix(
                 value = int(counts[row, column])
                 color = "white" if value > threshold else "black"
                 ax.text(column, row, str(value), ha="center", va="center", color=color, fontsize=8)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure as PNG atomically (a half-written plot is never left behind)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmkiln.data.corpus import jsonl_rows
 from lmkiln.data.loader import IGNORE_INDEX
 from lmkiln.errors import LmkilnError
 
@@ -198,21 +199,7 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...], optional: tuple[str, .
     if not path.is_file():
         raise LmkilnError(f"data file not found: {path}")
     rows = []
-    with open(path, "rb") as fh:
-        raw_lines = list(enumerate(fh, start=1))
-    for number, raw in raw_lines:
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise LmkilnError(f"{path}:{number}: not valid UTF-8; convert the file to UTF-8") from None
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise LmkilnError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(row, dict):
-            raise LmkilnError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+    for number, row in jsonl_rows(path):
         missing = [f for f in fields if f not in row]
         if missing:
             raise LmkilnError(

@@ -200,13 +200,9 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> Path | None:
     ax_loss.grid(alpha=0.3)
     ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
     ax_lr.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    from lmkiln.eval.plots import save_figure
+
+    return save_figure(fig, path)
 
 
 class Throughput:
