@@ -44,6 +44,29 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dict:
+    """Under torchrun, a store namespace per restart attempt.
+
+    The workers of every attempt share torchrun's TCP store; without a fresh prefix, a restarted
+    worker can read the previous attempt's (dead) peer addresses and fail to connect.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=timeout,
+    )
+    return {
+        "store": dist.PrefixStore(f"lmkiln/attempt_{attempt}", store),
+        "rank": rank,
+        "world_size": world_size,
+    }
+
+
 @dataclass
 class Runtime:
     device: torch.device
@@ -76,7 +99,8 @@ class Runtime:
         )
         if world_size > 1 and not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=runtime.timeout_s))
+            timeout = datetime.timedelta(seconds=runtime.timeout_s)
+            dist.init_process_group(backend, timeout=timeout, **_attempt_store(rank, world_size, timeout))
             runtime._group_started = True
         return runtime
 
