@@ -26,8 +26,15 @@ def _pretrain(cfg: Config, **kwargs: Any) -> TaskResult:
     return pretrain(cfg, **kwargs)
 
 
+def _finetune(cfg: Config, **kwargs: Any) -> TaskResult:
+    from lmkiln.finetune.setup import finetune
+
+    return finetune(cfg, **kwargs)
+
+
 TASKS: dict[str, Callable[..., TaskResult]] = {
     "pretrain": _pretrain,
+    "finetune": _finetune,
 }
 
 

@@ -126,6 +126,9 @@ def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
             yield number, line
 
 
+decoded_lines = _decoded_lines  # the public name, for other row readers (fine-tuning task files)
+
+
 def _read_text(path: Path, text_unit: str) -> Iterator[Document]:
     if text_unit == "file":
         text = "".join(line for _, line in _decoded_lines(path))
