@@ -112,6 +112,7 @@ def test_every_field_has_a_docstring():
         ScheduleConfig(),
         Config().train,
         Config().log,
+        Config().finetune,
     ):
         docs = field_docs(type(section))
         missing = [f for f in vars(section) if f not in docs]
@@ -126,6 +127,20 @@ def test_literal_choices_match_the_registries():
     keys = all_keys()
     assert set(typing.get_args(keys["optim.name"])) == set(OPTIMIZERS)
     assert set(typing.get_args(keys["schedule.name"])) == set(SCHEDULES)
+
+
+def test_finetune_choices_match_the_registries():
+    import typing
+
+    from lmkiln.eval.runner import TASKS as EVAL_TASKS
+    from lmkiln.finetune.classify import POOLING
+    from lmkiln.finetune.formats import FORMATS
+    from lmkiln.tasks import TASKS
+
+    keys = all_keys()
+    assert set(typing.get_args(keys["finetune.format"])) == set(FORMATS) == set(EVAL_TASKS) - {"perplexity"}
+    assert set(typing.get_args(keys["finetune.pooling"])) == set(POOLING)
+    assert set(typing.get_args(keys["task"])) == set(TASKS)
 
 
 def test_presets_are_valid_configs():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 
 import pytest
 import torch
@@ -115,6 +116,41 @@ def weights_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def crash_then_resume(base, data, run, *overrides):
+    """Crash inside step 5 (after the checkpoint at step 3), resume with --resume auto."""
+    calls = {"n": 0}
+    original = LanguageModelLoss.__call__
+
+    def crash(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == 5 + 2:  # 5 training steps + the evaluations at steps 0 and 3
+            raise RuntimeError("simulated crash")
+        return original(self, model, batch)
+
+    LanguageModelLoss.__call__ = crash
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            finetune(ft_config(base, data, run, *overrides))
+    finally:
+        LanguageModelLoss.__call__ = original
+    resumed = finetune(ft_config(base, data, run, *overrides), resume="auto")
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "resume"] == [3]  # it really resumed from step 3
+    return resumed
+
+
+@pytest.mark.parametrize(
+    "method", [("finetune.method=full", "finetune.packing=true"), ("finetune.method=freeze",)]
+)
+def test_full_and_frozen_runs_resume_exactly(tmp_path, method):
+    base = make_base(tmp_path / "base")
+    data = write_jsonl(tmp_path / "d.jsonl", reverse_rows(60))
+    done = finetune(ft_config(base, data, tmp_path / "a", *method))
+    resumed = crash_then_resume(base, data, tmp_path / "b", *method)
+    assert resumed.fit.state.step == done.fit.state.step == 6
+    assert weights_hash(resumed.model) == weights_hash(done.model)
+
+
 def test_lora_run_resumes_exactly_and_loads_merged(tmp_path):
     base = make_base(tmp_path / "base")
     data = write_jsonl(tmp_path / "d.jsonl", reverse_rows(60))
@@ -127,23 +163,7 @@ def test_lora_run_resumes_exactly_and_loads_merged(tmp_path):
     done = finetune(ft_config(base, data, tmp_path / "a", *lora))
     assert done.fit.state.step == 6
     assert done.check["after"]["examples"] == 4 and "eos_rate" in done.check["after"]["metrics"]
-
-    calls = {"n": 0}
-    original = LanguageModelLoss.__call__
-
-    def crash(self, model, batch):
-        calls["n"] += 1
-        if calls["n"] == 5 + 2:  # inside step 5, after the checkpoint of step 3 (2 evaluations ran)
-            raise RuntimeError("simulated crash")
-        return original(self, model, batch)
-
-    LanguageModelLoss.__call__ = crash
-    try:
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            finetune(ft_config(base, data, tmp_path / "b", *lora))
-    finally:
-        LanguageModelLoss.__call__ = original
-    resumed = finetune(ft_config(base, data, tmp_path / "b", *lora), resume="auto")
+    resumed = crash_then_resume(base, data, tmp_path / "b", *lora)
     assert resumed.fit.state.step == 6
     assert weights_hash(resumed.model) == weights_hash(done.model)
 

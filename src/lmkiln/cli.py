@@ -233,7 +233,14 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from lmkiln.eval.runner import evaluate_run, write_result
 
     result = evaluate_run(
-        args.run_dir, args.data, args.task, args.max_new_tokens, args.batch_size, args.limit, extra
+        args.run_dir,
+        args.data,
+        args.task,
+        args.max_new_tokens,
+        args.batch_size,
+        args.limit,
+        extra,
+        args.device,
     )
     out = Path(args.out) if args.out else Path(args.run_dir) / f"eval-{args.task}.json"
     write_result(result, out, {"run": str(args.run_dir), "data": str(args.data)})
@@ -310,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--limit", type=int, default=0, help="evaluate the first N examples only")
     evaluate.add_argument("--out", help="results JSON (default RUN_DIR/eval-TASK.json)")
+    evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(func=cmd_eval)
 
     sub.add_parser("recipes", help="list the built-in recipes").set_defaults(func=cmd_recipes)

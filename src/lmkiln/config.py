@@ -228,7 +228,7 @@ class FinetuneConfig:
     fields: list[str] = field(default_factory=list)
     """Field-name overrides as canonical=actual pairs, e.g. [output=completion, input=context]."""
     prompt: str = ""
-    """Prompt template (jinja, fields as variables, e.g. '{{ question }}\\nAnswer: '); empty uses the format's built-in one."""
+    """Prompt template (jinja with the fields as variables, e.g. 'Q: {{ question }} A:'); empty uses the format's built-in one."""
     source_language: str = ""
     """Translation: source language name for rows without a source_language field."""
     target_language: str = ""
@@ -254,7 +254,7 @@ class FinetuneConfig:
     packing: bool = False
     """Pack several examples per sequence of max_length (attention stays inside each example) instead of padding."""
     max_length: int = 0
-    """Longest example in tokens (and the packed row length); 0 means the base model's context."""
+    """Longest example in tokens (and the packed row length; it sets train.seq_len); 0 means the base model's context."""
     overlong: Literal["truncate", "drop"] = "truncate"
     """Examples longer than max_length: shorten their long input field (document, context, ...) or drop them."""
     pooling: Literal["last", "mean"] = "last"

@@ -178,21 +178,23 @@ def _label_metrics(
 # Classification heads and perplexity
 
 
-def evaluate_classifier(path: str | Path, cfg: Config, data: str, batch_size: int) -> EvalResult:
+def evaluate_classifier(
+    path: str | Path, cfg: Config, data: str, batch_size: int, device: str = "cpu"
+) -> EvalResult:
     from lmkiln.eval.metrics import classification_metrics
     from lmkiln.finetune.classify import load_classifier, predict
     from lmkiln.finetune.examples import ExampleEncoder
     from lmkiln.finetune.formats import read_records
 
     started = time.perf_counter()
-    model, tokenizer, saved = load_classifier(path)
+    model, tokenizer, saved = load_classifier(path, device)
     labels = saved.finetune.labels
     ft = replace(cfg.finetune, format="classification", labels=labels)
     records = read_records(data, ft)
     encoder = ExampleEncoder(tokenizer, ft, model.cfg.block_size, labels=labels)
     examples, report = encoder.encode_all(records, "evaluation")
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-    predicted, losses = predict(model, examples, batch_size, pad, torch.device("cpu"))
+    predicted, losses = predict(model, examples, batch_size, pad, torch.device(device))
     target = torch.tensor([e.label for e in examples])
     metrics = classification_metrics(predicted, target, len(labels))
     metrics = {"accuracy": metrics["accuracy"], "f1_macro": metrics["f1_macro"], "loss": float(losses.mean())}
@@ -206,13 +208,14 @@ def perplexity(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str]) -> 
     from lmkiln.train.objectives import LanguageModelLoss
 
     window = model.cfg.block_size
+    device = next(model.parameters()).device
     loss_sum, count, n_bytes = 0.0, 0, 0
     objective = LanguageModelLoss()
     for text in texts:
         tokens = [tokenizer.eos_id, *tokenizer.encode(text)]
         n_bytes += len(text.encode("utf-8"))
         for start in range(0, len(tokens) - 1, window):
-            chunk = torch.tensor(tokens[start : start + window + 1])
+            chunk = torch.tensor(tokens[start : start + window + 1], device=device)
             batch = {"input_ids": chunk[None, :-1], "labels": chunk[None, 1:]}
             loss_sum += float(objective(model, batch))
             count += int((batch["labels"] != IGNORE_INDEX).sum())
@@ -237,6 +240,7 @@ def evaluate_run(
     batch_size: int = 16,
     limit: int = 0,
     overrides: list[str] | None = None,
+    device: str = "cpu",
 ) -> EvalResult:
     """Load a run (LoRA merged), read `data` as the task's format and compute the task's metrics."""
     from lmkiln.config import build_config, flatten, parse_overrides, to_dict
@@ -258,12 +262,12 @@ def evaluate_run(
         saved.get("task") == "finetune" and saved.get("finetune", {}).get("format") == "classification"
     )
     if task == "classification" and is_classifier:
-        return evaluate_classifier(path, cfg, data, batch_size)
+        return evaluate_classifier(path, cfg, data, batch_size, device)
     if is_classifier:
         raise LmkilnError(
             f"{path} is a classification run (a classification head); evaluate it with --task classification"
         )
-    loaded = load_run(path)
+    loaded = load_run(path, device=device)
     if task == "perplexity":
         field_name = dict(p.split("=", 1) for p in cfg.finetune.fields if "=" in p).get("text", "text")
         texts = [_row_text(row, field_name, where) for where, row in iter_rows(data)]

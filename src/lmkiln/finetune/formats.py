@@ -181,16 +181,20 @@ def _text(value: Any, location: str, name: str) -> str:
     return value
 
 
-def _get(row: dict[str, Any], canonical: str, names: dict[str, str], location: str, required: bool) -> Any:
+def _missing(row: dict[str, Any], canonical: str, names: dict[str, str], location: str) -> LmkilnError:
     name = names[canonical]
-    value = row.get(name)
+    rename = f"; set finetune.fields {canonical}=COLUMN" if name == canonical else ""
+    present = "missing" if name not in row else "empty"
+    return LmkilnError(
+        f"{location}: {present} field {name!r} (fields: {', '.join(map(str, row)) or 'none'}){rename}"
+    )
+
+
+def _get(row: dict[str, Any], canonical: str, names: dict[str, str], location: str, required: bool) -> Any:
+    value = row.get(names[canonical])
     if value is None or value == "":
         if required:
-            rename = f"; set finetune.fields {canonical}=COLUMN" if name == canonical else ""
-            present = "missing" if name not in row else "empty"
-            raise LmkilnError(
-                f"{location}: {present} field {name!r} (fields: {', '.join(map(str, row)) or 'none'}){rename}"
-            )
+            raise _missing(row, canonical, names, location)
         return ""
     return value
 
@@ -206,14 +210,16 @@ def to_record(location: str, row: dict[str, Any], cfg: FinetuneConfig, names: di
         values[name] = _text(_get(row, name, names, location, False), location, names[name])
     if cfg.format == "translation":
         _languages(values, cfg, location)
-    raw_target = row.get(names[spec.target])
+    target_name = names[spec.target]
+    if target_name not in row:
+        raise _missing(row, spec.target, names, location)
+    raw_target = row[target_name]
     if raw_target is None or (isinstance(raw_target, str) and not raw_target.strip()):
-        what = "missing" if names[spec.target] not in row else "empty target"
         raise LmkilnError(
-            f"{location}: {what} {names[spec.target]!r}: every example needs a non-empty "
+            f"{location}: empty target {target_name!r}: every example needs a non-empty "
             f"{'label' if cfg.format == 'classification' else 'target text'}"
         )
-    targets = _targets(raw_target, location, names[spec.target])
+    targets = _targets(raw_target, location, target_name)
     if cfg.format == "classification" and cfg.labels and targets[0] not in cfg.labels:
         raise LmkilnError(
             f"{location}: label {targets[0]!r} is not in the declared label set "
