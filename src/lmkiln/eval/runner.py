@@ -102,7 +102,7 @@ def stop_token(task: str, tokenizer: Tokenizer) -> int:
     """Where generation ends: EOS, or for chat the template's end-of-turn token."""
     if task != "chat":
         return tokenizer.eos_id
-    from lmkiln.finetune.setup import chat_template_of
+    from lmkiln.finetune.templates import chat_template_of
 
     template = chat_template_of(tokenizer)
     token = template.end_of_turn({tokenizer.decode([i]) for i in tokenizer.special_ids})
@@ -121,7 +121,7 @@ def evaluate_generation(
 ) -> EvalResult:
     """Generate for each record's prompt and score against its references."""
     from lmkiln.finetune.examples import ExampleEncoder
-    from lmkiln.finetune.setup import chat_template_of
+    from lmkiln.finetune.templates import chat_template_of
 
     task = task or cfg.format
     started = time.perf_counter()

@@ -37,7 +37,7 @@ from lmkiln.finetune.methods import (
     resize_vocab,
     save_adapter,
 )
-from lmkiln.finetune.templates import ChatTemplate
+from lmkiln.finetune.templates import chat_template_of
 from lmkiln.model.transformer import Transformer
 from lmkiln.train import checkpoint as ckpt
 from lmkiln.train.loop import FitResult, TrainLoop, TrainSetup, model_tensors
@@ -93,13 +93,6 @@ def load_base(path: str | Path) -> Base:
         )
     loaded = load_run(path)
     return Base(loaded.model, loaded.tokenizer, copy.deepcopy(loaded.cfg.model), str(checkpoint.resolve()))
-
-
-def chat_template_of(tokenizer: Tokenizer) -> ChatTemplate:
-    """The tokenizer's stored chat template (ChatML when it has none)."""
-    return ChatTemplate(
-        tokenizer.chat_template or CHATML_TEMPLATE, tokenizer.bos_token or "", tokenizer.eos_token or ""
-    )
 
 
 def prepare_tokenizer(tokenizer: Tokenizer, cfg: FinetuneConfig) -> tuple[Tokenizer, list[int]]:
@@ -226,7 +219,7 @@ class FinetuneResult:
         lines = [
             f"fine-tuned {ft.format} ({ft.method}): {format_count(self.method.trainable)} trainable of "
             f"{format_count(self.method.total)} parameters ({share:.2%}); {state.step} steps, "
-            f"{state.epoch} epochs in {format_duration(state.train_seconds)}",
+            f"{state.epoch} epoch{'' if state.epoch == 1 else 's'} in {format_duration(state.train_seconds)}",
             *(r.describe(split, self.cfg.train.seq_len, ft.overlong) for split, r in self.lengths.items()),
         ]
         before, after = self.fit.first_eval, self.fit.last_eval

@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
+from lmkiln.data.tokenizer import CHATML_TEMPLATE, Tokenizer
 from lmkiln.errors import LmkilnError
 
 ROLES = ("system", "user", "assistant")
@@ -250,3 +251,10 @@ class ChatTemplate:
         tail = self.render(probe)[len(self.render(probe[:1], add_generation_prompt=True)) + 1 :]
         found = [(tail.find(t), t) for t in special_tokens if t and t in tail]
         return min(found)[1] if found else None
+
+
+def chat_template_of(tokenizer: Tokenizer) -> ChatTemplate:
+    """The tokenizer's stored chat template (ChatML when it has none)."""
+    return ChatTemplate(
+        tokenizer.chat_template or CHATML_TEMPLATE, tokenizer.bos_token or "", tokenizer.eos_token or ""
+    )
