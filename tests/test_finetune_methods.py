@@ -178,6 +178,11 @@ def test_lora_run_resumes_exactly_and_loads_merged(tmp_path):
             torch.testing.assert_close(loaded.model(x), trained, atol=1e-5, rtol=0)
     adapter = tmp_path / "a" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+    from peft import PeftModel  # the adapter alone, on a fresh copy of the base, gives the same model
+
+    with torch.no_grad():
+        reloaded = PeftModel.from_pretrained(load_run(base).model, str(adapter)).eval()
+        torch.testing.assert_close(reloaded(x), trained, atol=1e-5, rtol=0)
 
 
 def test_template_tokens_the_base_lacks_are_added_resized_and_trained(tmp_path):
@@ -236,3 +241,37 @@ def test_classification_head_trains_through_the_loop_and_loads(tmp_path):
     with pytest.raises(LmkilnError, match="classification run"):
         load_run(run)
     assert isinstance(model, SequenceClassifier)
+
+
+def test_eval_runs_every_generation_task_and_perplexity(tmp_path):
+    from lmkiln.eval.runner import evaluate_run, write_result
+
+    base = make_base(tmp_path / "base")
+    chats = [
+        {"messages": [{"role": "user", "content": " ".join(w)}, {"role": "assistant", "content": w[0]}]}
+        for w in word_lists(12)
+    ]
+    run = tmp_path / "chat"
+    finetune(ft_config(base, write_jsonl(tmp_path / "chat.jsonl", chats), run, "finetune.format=chat"))
+    tasks = {
+        "chat": chats,
+        "qa": [
+            {"context": " ".join(w), "question": "first?", "answer": [w[0], w[0].upper()]}
+            for w in word_lists(5)
+        ],
+        "translation": [
+            {"source": " ".join(w), "target": w[0], "target_language": "X"} for w in word_lists(5)
+        ],
+        "summarization": [{"document": " ".join(w * 3), "summary": w[0]} for w in word_lists(5)],
+        "perplexity": [{"text": " ".join(w)} for w in word_lists(5)],
+    }
+    for task, rows in tasks.items():
+        data = write_jsonl(tmp_path / f"{task}.jsonl", rows)
+        result = evaluate_run(
+            run, str(data), task, max_new_tokens=4, batch_size=3, overrides=["finetune.source_language=Y"]
+        )
+        assert result.examples == len(rows), task
+        assert ("perplexity" in result.metrics) if task == "perplexity" else ("eos_rate" in result.metrics)
+        assert all(v == v for v in result.metrics.values()), (task, result.metrics)  # no NaN
+        saved = write_result(result, tmp_path / f"{task}.json", {"run": str(run)})
+        assert json.loads(saved.read_text())["task"] == task
