@@ -160,3 +160,15 @@ def test_override_syntax_errors():
     }
     with pytest.raises(LmkilnError, match="unexpected argument 'oops'"):
         parse_overrides(["oops"])
+
+
+def test_finetune_choices_match_the_registries():
+    import typing
+
+    from lmkiln.eval.runner import TASKS as EVAL_TASKS
+    from lmkiln.finetune.classify import POOLING
+    from lmkiln.finetune.formats import FORMATS
+
+    keys = all_keys()
+    assert set(typing.get_args(keys["finetune.format"])) == set(FORMATS) == set(EVAL_TASKS) - {"perplexity"}
+    assert set(typing.get_args(keys["finetune.pooling"])) == set(POOLING)

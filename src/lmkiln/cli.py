@@ -224,6 +224,46 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
+    flags = ["task=finetune"]
+    for key in ("base", "data", "format", "method"):
+        if getattr(args, key):
+            flags.append(f"finetune.{key}={getattr(args, key)}")
+    cfg = _load(args, [*extra, *flags], default_recipe=f"sft-{args.format or 'instruction'}")
+    if args.print_config:
+        _print_config(cfg)
+        return 0
+    from lmkiln.tasks import run_task
+
+    result = run_task(cfg, resume=args.resume, force=args.force, overwrite=args.overwrite)
+    if _is_main():
+        print(result.summary())
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from pathlib import Path
+
+    from lmkiln.eval.runner import evaluate_run, write_result
+
+    result = evaluate_run(
+        args.run_dir,
+        args.data,
+        args.task,
+        args.max_new_tokens,
+        args.batch_size,
+        args.limit,
+        extra,
+        args.device,
+    )
+    out = Path(args.out) if args.out else Path(args.run_dir) / f"eval-{args.task}.json"
+    write_result(result, out, {"run": str(args.run_dir), "data": str(args.data)})
+    print(f"{args.task} on {args.data}: {result.examples} examples in {result.seconds:.1f} s")
+    print(result.table())
+    print(f"results: {out}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # Hugging Face interop and encoders
 
@@ -410,6 +450,45 @@ def build_parser() -> argparse.ArgumentParser:
         "--nproc", type=int, default=0, help="launch N processes with torchrun on this machine"
     )
     train.set_defaults(func=cmd_train)
+
+    finetune = _config_parser(
+        "finetune", "fine-tune a trained model on a task file (default recipe: sft-FORMAT)", sub
+    )
+    finetune.add_argument("--base", help="the model to fine-tune: an lmkiln run directory (finetune.base)")
+    finetune.add_argument("--data", help="training examples: .jsonl, .csv or .parquet (finetune.data)")
+    finetune.add_argument(
+        "--format",
+        choices=["instruction", "chat", "translation", "summarization", "qa", "classification"],
+        help="task format of the rows (default instruction)",
+    )
+    finetune.add_argument("--method", choices=["full", "freeze", "lora"], help="what to train (default full)")
+    finetune.add_argument(
+        "--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint"
+    )
+    finetune.add_argument("--force", action="store_true", help="resume even if settings changed")
+    finetune.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    finetune.set_defaults(func=cmd_finetune)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="task metrics of a trained run on a task file",
+        description="Task metrics of a run on a task file; extra section.key=VALUE arguments override the "
+        "run's finetune settings (e.g. finetune.fields output=completion).",
+        allow_abbrev=False,
+    )
+    evaluate.add_argument("run_dir", help="run directory (or one of its checkpoints)")
+    evaluate.add_argument("--data", required=True, help="task file: .jsonl, .csv or .parquet")
+    evaluate.add_argument(
+        "--task",
+        required=True,
+        choices=["instruction", "chat", "translation", "summarization", "qa", "classification", "perplexity"],
+    )
+    evaluate.add_argument("--max-new-tokens", type=int, default=64)
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--limit", type=int, default=0, help="evaluate the first N examples only")
+    evaluate.add_argument("--out", help="results JSON (default RUN_DIR/eval-TASK.json)")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.set_defaults(func=cmd_eval)
 
     sub.add_parser("recipes", help="list the built-in recipes").set_defaults(func=cmd_recipes)
     sub.add_parser("presets", help="list the model size presets").set_defaults(func=cmd_presets)

@@ -318,6 +318,64 @@ class EncoderConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    base: str = ""
+    """The model to fine-tune: an lmkiln run directory (or one of its checkpoints); its tokenizer comes along."""
+    data: str = ""
+    """Training examples: a .jsonl, .csv or .parquet file (one example per row)."""
+    val_data: str = ""
+    """Validation examples in the same format; empty holds out val_fraction of data instead."""
+    val_fraction: float = 0.1
+    """Share of the training examples held out for validation when val_data is empty (seeded by train.seed)."""
+    format: Literal["instruction", "chat", "translation", "summarization", "qa", "classification"] = (
+        "instruction"
+    )
+    """Task format of the rows; it fixes the required fields, the prompt template and the metric."""
+    fields: list[str] = field(default_factory=list)
+    """Field-name overrides as canonical=actual pairs, e.g. [output=completion, input=context]."""
+    prompt: str = ""
+    """Prompt template (jinja with the fields as variables, e.g. 'Q: {{ question }} A:'); empty uses the format's built-in one."""
+    source_language: str = ""
+    """Translation: source language name for rows without a source_language field."""
+    target_language: str = ""
+    """Translation: target language name for rows without a target_language field."""
+    method: Literal["full", "freeze", "lora"] = "full"
+    """Train every weight, freeze some (freeze_embeddings, freeze_layers), or train LoRA adapters only."""
+    freeze_embeddings: bool = True
+    """method=freeze: keep the token (and position) embeddings fixed; tied output weights stay fixed too."""
+    freeze_layers: int = 0
+    """method=freeze: keep the first N transformer blocks fixed."""
+    lora_r: int = 8
+    """LoRA rank."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator: updates are scaled by lora_alpha / lora_r."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch input."""
+    lora_targets: list[str] = field(default_factory=lambda: ["wqkv", "wo", "w_gate_up", "w_up", "w_down"])
+    """Linear layers that get adapters, as module-name suffixes (names absent from the model are skipped)."""
+    add_tokens: list[str] = field(default_factory=list)
+    """Extra special tokens to add to the tokenizer; their embedding rows are added and trained."""
+    train_on_prompt: bool = False
+    """Also train on prompt/user tokens (by default only response/assistant tokens and EOS are trained)."""
+    packing: bool = False
+    """Pack several examples per sequence of max_length (attention stays inside each example) instead of padding."""
+    max_length: int = 0
+    """Longest example in tokens (and the packed row length; it sets train.seq_len); 0 means the base model's context."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """Examples longer than max_length: shorten their long input field (document, context, ...) or drop them."""
+    pooling: Literal["last", "mean"] = "last"
+    """Classification: pool the backbone's hidden states at the last real token, or average them."""
+    labels: list[str] = field(default_factory=list)
+    """Classification: the declared label set (in class-index order); empty takes the sorted labels of the training data."""
+    eval_samples: int = 32
+    """Validation prompts generated before and after training to measure the task metric and the share that stops at EOS (0 = skip)."""
+    max_new_tokens: int = 64
+    """Upper bound on generated tokens per prompt in that check."""
+    export_merged: bool = True
+    """method=lora: also write the adapters merged into the base as a standalone model directory (run_dir/merged)."""
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -331,10 +389,11 @@ class Config:
     mlp: MLPConfig = field(default_factory=MLPConfig)
     table: TableConfig = field(default_factory=TableConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     name: str = "default"
     """Name of the run (the recipe name unless set)."""
-    task: Literal["pretrain", "supervised", "encoder"] = "pretrain"
-    """What `lmkiln train` builds and trains (see lmkiln/tasks.py): pretrain a language model, fit an MLP to a table (supervised), or fine-tune an encoder (encoder)."""
+    task: Literal["pretrain", "supervised", "encoder", "finetune"] = "pretrain"
+    """What `lmkiln train` builds and trains (see lmkiln/tasks.py): pretrain a language model, fit an MLP to a table (supervised), fine-tune an encoder (encoder) or a language model (finetune)."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,10 +38,17 @@ def _encoder(cfg: Config, **kwargs: Any) -> TaskResult:
     return train_encoder(cfg, **kwargs)
 
 
+def _finetune(cfg: Config, **kwargs: Any) -> TaskResult:
+    from lmkiln.finetune.setup import finetune
+
+    return finetune(cfg, **kwargs)
+
+
 TASKS: dict[str, Callable[..., TaskResult]] = {
     "pretrain": _pretrain,
     "supervised": _supervised,
     "encoder": _encoder,
+    "finetune": _finetune,
 }
 
 

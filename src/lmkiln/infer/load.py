@@ -49,10 +49,26 @@ def load_run(path: str | Path, device: str = "cpu") -> LoadedModel:
     tokenizer = Tokenizer.load(tokenizer_dir)
     model = Transformer(cfg.model)
     if saved.model:
-        load_model_tensors(model, saved.model, str(checkpoint / "model.safetensors"))
+        load_model_tensors(
+            model, plain_tensors(saved.model, cfg, checkpoint), str(checkpoint / "model.safetensors")
+        )
     else:  # a sharded (FSDP) checkpoint without consolidated weights: gather the shards here
         from lmkiln.train.distributed import consolidate
 
         consolidate(saved.sharded, model)
     model.to(torch.device(device)).eval()
     return LoadedModel(model, tokenizer, cfg, checkpoint, saved.trainer["state"]["step"])
+
+
+def plain_tensors(tensors: dict[str, torch.Tensor], cfg: Config, checkpoint: Path) -> dict[str, torch.Tensor]:
+    """A plain Transformer's tensors: LoRA adapters of a fine-tuning run are merged into the weights."""
+    if any(k.startswith("backbone.") for k in tensors):
+        raise LmkilnError(
+            f"{checkpoint} belongs to a classification run (a backbone with a classification head); "
+            f"evaluate it with `lmkiln eval RUN_DIR --task classification`"
+        )
+    if any(".lora_A." in k for k in tensors):
+        from lmkiln.finetune.methods import lora_scaling, merge_lora_tensors
+
+        return merge_lora_tensors(tensors, lora_scaling(cfg.finetune))
+    return tensors

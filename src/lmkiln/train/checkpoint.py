@@ -159,6 +159,19 @@ class CheckpointWriter:
         return self.final
 
 
+def write_checkpoint(root: Path, step: int, data: CheckpointData) -> Path:
+    """One process writes a whole checkpoint (e.g. merged weights for export); files left empty are skipped."""
+    with CheckpointWriter(root, step) as writer:
+        writer.tensors("model.safetensors", data.model)
+        if data.optimizer:
+            writer.tensors("optimizer.safetensors", data.optimizer)
+        if data.rng or data.rng_meta:
+            writer.tensors("rng_rank0.safetensors", data.rng)
+            writer.json("rng_rank0.json", data.rng_meta)
+        writer.json("trainer.json", data.trainer)
+        return writer.commit()
+
+
 def verify_checkpoint(path: Path) -> dict:
     """Check the manifest and every file it lists; returns the manifest or raises CorruptCheckpoint."""
     manifest_path = path / MANIFEST

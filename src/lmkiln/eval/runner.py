@@ -1,0 +1,301 @@
+"""`lmkiln eval`: task metrics of a trained run on a task file, by batched greedy generation.
+
+Prompts are rendered and encoded exactly as in fine-tuning (lmkiln.finetune.examples), grouped
+by length, left-padded and generated together; each output ends at the run's EOS (for chat, the
+template's end-of-turn token) or at max_new_tokens. Metrics by task:
+
+    instruction, chat, qa   exact_match, f1 (SQuAD normalisation)
+    translation             bleu, chrf (sacrebleu)
+    summarization           rouge1, rouge2, rougeL (rouge-score)
+    classification          accuracy, f1_macro (the run's head, or the generated label)
+    perplexity              loss, perplexity, bits_per_byte over every text
+and for generation tasks `eos_rate`: the share of outputs that ended with EOS.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmkiln.config import Config, FinetuneConfig
+from lmkiln.data.tokenizer import Tokenizer
+from lmkiln.errors import LmkilnError
+from lmkiln.eval.metrics import per_class_f1
+from lmkiln.eval.text_metrics import bleu_chrf, exact_match_f1, rouge
+
+log = logging.getLogger("lmkiln")
+
+GENERATION_METRICS: dict[str, Callable[[Sequence[str], Sequence[Sequence[str]]], dict[str, float]]] = {
+    "instruction": exact_match_f1,
+    "chat": exact_match_f1,
+    "qa": exact_match_f1,
+    "translation": bleu_chrf,
+    "summarization": rouge,
+}
+TASKS = (*GENERATION_METRICS, "classification", "perplexity")
+
+
+@dataclass
+class EvalResult:
+    task: str
+    examples: int
+    metrics: dict[str, float]
+    skipped: int = 0
+    """Examples whose prompt did not fit the model's context."""
+    seconds: float = 0.0
+    samples: list[dict] = field(default_factory=list)
+    """The first few prompts, predictions and references, for a look."""
+
+    def table(self) -> str:
+        lines = [f"{'metric':<16} {'value':>10}"]
+        lines += [f"{name:<16} {value:>10.4f}" for name, value in self.metrics.items()]
+        lines.append(f"{'examples':<16} {self.examples:>10d}")
+        if self.skipped:
+            lines.append(f"{'skipped':<16} {self.skipped:>10d}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+
+
+@torch.no_grad()
+def generate_batched(
+    model: nn.Module,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    stop_id: int,
+    pad_id: int,
+) -> tuple[list[list[int]], list[bool]]:
+    """Greedy continuations of every prompt (similar lengths batched together) and whether each ended at stop_id."""
+    from lmkiln.infer.generate import Sampling, generate_ids
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs: list[list[int]] = [[] for _ in prompts]
+    stopped = [False] * len(prompts)
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0.0)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        ended = torch.zeros(len(rows), dtype=torch.bool)
+
+        def on_tokens(tokens: torch.Tensor, active: torch.Tensor, ended=ended) -> None:
+            ended.logical_or_(((tokens == stop_id) & ~active).cpu() & ~ended)
+
+        new = generate_ids(
+            model, [list(prompts[i]) for i in rows], sampling, stop_id, pad_id, on_tokens=on_tokens
+        )
+        for row, ids, end in zip(rows, new, ended.tolist()):
+            outputs[row], stopped[row] = ids, end
+    return outputs, stopped
+
+
+def stop_token(task: str, tokenizer: Tokenizer) -> int:
+    """Where generation ends: EOS, or for chat the template's end-of-turn token."""
+    if task != "chat":
+        return tokenizer.eos_id
+    from lmkiln.finetune.templates import chat_template_of
+
+    template = chat_template_of(tokenizer)
+    token = template.end_of_turn({tokenizer.decode([i]) for i in tokenizer.special_ids})
+    return tokenizer.token_id(token) if token else tokenizer.eos_id
+
+
+def evaluate_generation(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    records: Sequence,
+    cfg: FinetuneConfig,
+    max_new_tokens: int,
+    batch_size: int,
+    task: str | None = None,
+    label_set: Sequence[str] = (),
+) -> EvalResult:
+    """Generate for each record's prompt and score against its references."""
+    from lmkiln.finetune.examples import ExampleEncoder
+    from lmkiln.finetune.templates import chat_template_of
+
+    task = task or cfg.format
+    started = time.perf_counter()
+    block = model.cfg.block_size
+    chat = chat_template_of(tokenizer) if cfg.format == "chat" else None
+    encoder = ExampleEncoder(tokenizer, cfg, block, chat)
+    prompts, kept = [], []
+    for record in records:
+        # room for max_new_tokens if the long input can be shortened that far, else what fits
+        ids = encoder.prompt_ids(record, block - max_new_tokens) or encoder.prompt_ids(record, block - 1)
+        if ids is not None:
+            prompts.append(ids)
+            kept.append(record)
+    if not prompts:
+        raise LmkilnError(f"no prompt fits the model's context of {block} tokens")
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    stop = stop_token(task, tokenizer)
+    outputs, stopped = generate_batched(model, prompts, max_new_tokens, batch_size, stop, pad)
+    predictions = [tokenizer.decode(ids, skip_special=True).strip() for ids in outputs]
+    references = [_references(r) for r in kept]
+    if task == "classification":
+        metrics = _label_metrics(predictions, [r[0] for r in references], label_set)
+    else:
+        metrics = GENERATION_METRICS[task](predictions, references)
+    metrics["eos_rate"] = sum(stopped) / len(stopped)
+    samples = [
+        {"location": r.location, "prediction": p, "references": refs, "stopped_at_eos": s}
+        for r, p, refs, s in list(zip(kept, predictions, references, stopped))[:5]
+    ]
+    return EvalResult(
+        task, len(kept), metrics, len(records) - len(kept), time.perf_counter() - started, samples
+    )
+
+
+def _references(record) -> list[str]:
+    if record.messages:
+        return [record.messages[-1]["content"].strip()]
+    return [t.strip() for t in record.targets]
+
+
+def _label_metrics(
+    predictions: Sequence[str], labels: Sequence[str], label_set: Sequence[str]
+) -> dict[str, float]:
+    """Accuracy and macro F1 of generated labels; an output outside the label set is always wrong."""
+    names = list(label_set) or sorted(set(labels))
+    index = {name: i for i, name in enumerate(names)}
+    predicted = torch.tensor([index.get(p, len(names)) for p in predictions])
+    target = torch.tensor([index.get(t, len(names)) for t in labels])
+    f1 = per_class_f1(predicted, target, len(names) + 1)[: len(names)]
+    return {"accuracy": float((predicted == target).double().mean()), "f1_macro": sum(f1) / len(f1)}
+
+
+# --------------------------------------------------------------------------------------------
+# Classification heads and perplexity
+
+
+def evaluate_classifier(
+    path: str | Path, cfg: Config, data: str, batch_size: int, device: str = "cpu"
+) -> EvalResult:
+    from lmkiln.eval.metrics import classification_metrics
+    from lmkiln.finetune.classify import load_classifier, predict
+    from lmkiln.finetune.examples import ExampleEncoder
+    from lmkiln.finetune.formats import read_records
+
+    started = time.perf_counter()
+    model, tokenizer, saved = load_classifier(path, device)
+    labels = saved.finetune.labels
+    ft = replace(cfg.finetune, format="classification", labels=labels)
+    records = read_records(data, ft)
+    encoder = ExampleEncoder(tokenizer, ft, model.cfg.block_size, labels=labels)
+    examples, report = encoder.encode_all(records, "evaluation")
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    predicted, losses = predict(model, examples, batch_size, pad, torch.device(device))
+    target = torch.tensor([e.label for e in examples])
+    metrics = classification_metrics(predicted, target, len(labels))
+    metrics = {"accuracy": metrics["accuracy"], "f1_macro": metrics["f1_macro"], "loss": float(losses.mean())}
+    return EvalResult("classification", len(examples), metrics, report.dropped, time.perf_counter() - started)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str]) -> dict[str, float]:
+    """Mean next-token loss over every text (each after an EOS, as documents follow one in pretraining)."""
+    from lmkiln.data.loader import IGNORE_INDEX
+    from lmkiln.train.objectives import LanguageModelLoss
+
+    window = model.cfg.block_size
+    device = next(model.parameters()).device
+    loss_sum, count, n_bytes = 0.0, 0, 0
+    objective = LanguageModelLoss()
+    for text in texts:
+        tokens = [tokenizer.eos_id, *tokenizer.encode(text)]
+        n_bytes += len(text.encode("utf-8"))
+        for start in range(0, len(tokens) - 1, window):
+            chunk = torch.tensor(tokens[start : start + window + 1], device=device)
+            batch = {"input_ids": chunk[None, :-1], "labels": chunk[None, 1:]}
+            loss_sum += float(objective(model, batch))
+            count += int((batch["labels"] != IGNORE_INDEX).sum())
+    loss = loss_sum / max(count, 1)
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "bits_per_byte": loss_sum / math.log(2) / max(n_bytes, 1),
+        "tokens": float(count),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+
+
+def evaluate_run(
+    path: str | Path,
+    data: str,
+    task: str,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    limit: int = 0,
+    overrides: list[str] | None = None,
+    device: str = "cpu",
+) -> EvalResult:
+    """Load a run (LoRA merged), read `data` as the task's format and compute the task's metrics."""
+    from lmkiln.config import build_config, flatten, parse_overrides, to_dict
+    from lmkiln.finetune.formats import iter_rows, read_records
+    from lmkiln.infer.load import find_checkpoint, load_run
+    from lmkiln.train import checkpoint as ckpt
+
+    if task not in TASKS:
+        raise LmkilnError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
+    if batch_size <= 0 or max_new_tokens <= 0:
+        raise LmkilnError("--batch-size and --max-new-tokens must be positive")
+    _, checkpoint = find_checkpoint(path)
+    saved = ckpt.read_checkpoint(checkpoint).trainer["config"]
+    layers = [(f"{checkpoint}/trainer.json", flatten(saved))]
+    if overrides:
+        layers.append(("command line", parse_overrides(overrides)))
+    cfg = build_config(layers)
+    is_classifier = (
+        saved.get("task") == "finetune" and saved.get("finetune", {}).get("format") == "classification"
+    )
+    if task == "classification" and is_classifier:
+        return evaluate_classifier(path, cfg, data, batch_size, device)
+    if is_classifier:
+        raise LmkilnError(
+            f"{path} is a classification run (a classification head); evaluate it with --task classification"
+        )
+    loaded = load_run(path, device=device)
+    if task == "perplexity":
+        field_name = dict(p.split("=", 1) for p in cfg.finetune.fields if "=" in p).get("text", "text")
+        texts = [_row_text(row, field_name, where) for where, row in iter_rows(data)]
+        texts = texts[:limit] if limit else texts
+        started = time.perf_counter()
+        metrics = perplexity(loaded.model, loaded.tokenizer, texts)
+        return EvalResult(task, len(texts), metrics, seconds=time.perf_counter() - started)
+    ft = replace(cfg.finetune, format=task)
+    records = read_records(data, ft)
+    records = records[:limit] if limit else records
+    log.info("%s: %d examples from %s (%s)", task, len(records), data, to_dict(ft)["format"])
+    return evaluate_generation(
+        loaded.model, loaded.tokenizer, records, ft, max_new_tokens, batch_size, label_set=cfg.finetune.labels
+    )
+
+
+def _row_text(row: dict, field_name: str, where: str) -> str:
+    value = row.get(field_name)
+    if not isinstance(value, str) or not value:
+        raise LmkilnError(
+            f"{where}: missing field {field_name!r} (the text to score; rename with finetune.fields text=COLUMN)"
+        )
+    return value
+
+
+def write_result(result: EvalResult, out: Path, extra: dict) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps({**extra, **asdict(result)}, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    return out
