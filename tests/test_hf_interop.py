@@ -457,3 +457,46 @@ def test_cli_mistakes_are_one_line_errors(tmp_path, capsys):
     assert "is not a local directory; lmkiln never downloads" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--to", "hf", str(tmp_path / "o"), "--max-shard-size", "lots"]) == 2
     assert "cannot read the size 'lots'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_finetune_a_hugging_face_llama_with_lora(tokenizer, tmp_path):
+    """`lmkiln finetune --base HF_DIR`: the base loads through the importer and LoRA trains on it."""
+    from finetune_helpers import write_jsonl
+    from test_finetune_cli import mapping_rows
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    LlamaForCausalLM(config).save_pretrained(str(tmp_path / "hf"))
+    tokenizer.save(tmp_path / "hf")
+    data = write_jsonl(tmp_path / "task.jsonl", mapping_rows(200, seed=1))
+    run = tmp_path / "sft"
+    proc = run_cli(
+        "finetune",
+        "--base",
+        str(tmp_path / "hf"),
+        "--data",
+        str(data),
+        "--method",
+        "lora",
+        "train.max_epochs=3",
+        "optim.lr=1e-2",
+        "finetune.eval_samples=4",
+        f"train.run_dir={run}",
+        "log.progress=off",
+        check=True,
+    )
+    assert "LlamaForCausalLM" in proc.stderr
+    history = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [h["val_loss"] for h in history if h["event"] == "eval"]
+    assert evals[-1] < evals[0] - 0.5, evals  # the random base learns the task through its adapters
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
