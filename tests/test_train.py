@@ -203,3 +203,16 @@ def test_training_reduces_validation_loss_and_resume_is_exact(tmp_path):
     resumed = pretrain(tiny_cfg(tmp_path / "b"), resume="auto")
     assert resumed.fit.state.step == 40
     assert weights_hash(resumed.model) == uninterrupted
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_to_the_same_losses_as_eager(tmp_path):
+    eager = pretrain(tiny_cfg(tmp_path / "eager", "train.max_steps=6", "train.log_every=1"))
+    compiled = pretrain(
+        tiny_cfg(tmp_path / "compiled", "train.max_steps=6", "train.log_every=1", "train.compile=true")
+    )
+    losses = [[h["loss"] for h in _history(r.run_dir) if h["event"] == "train"] for r in (eager, compiled)]
+    assert losses[1] == pytest.approx(losses[0], abs=1e-4)
+    assert weights_hash(compiled.model) != weights_hash(
+        pretrain(tiny_cfg(tmp_path / "x", "train.max_steps=1")).model
+    )
