@@ -213,6 +213,3 @@ def test_torch_compile_trains_to_the_same_losses_as_eager(tmp_path):
     )
     losses = [[h["loss"] for h in _history(r.run_dir) if h["event"] == "train"] for r in (eager, compiled)]
     assert losses[1] == pytest.approx(losses[0], abs=1e-4)
-    assert weights_hash(compiled.model) != weights_hash(
-        pretrain(tiny_cfg(tmp_path / "x", "train.max_steps=1")).model
-    )
