@@ -4,7 +4,8 @@
 
 - Llama: RMSNorm, rotary positions, SwiGLU, grouped-query attention, no biases.
 - GPT-2: LayerNorm, learned positions, GELU, biases.
-Attention goes through `F.scaled_dot_product_attention`. Four things can restrict it beyond
+Attention goes through `F.scaled_dot_product_attention`; Linear layers are `kernels.Linear` (oneDNN
+GEMMs on CPUs where they are faster). Four things can restrict it beyond
 causality: `doc_ids` (packed documents never see each other), `attention_mask` (padding), a
 `KVCache` (generation: new queries attend to cached keys) and `cfg.sliding_window` (Mistral). Shapes are noted as (B, T, ...) with
 B batch, T tokens, H heads, K key/value heads, D head size, C model width, V vocabulary.
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmkiln.config import ModelConfig
+from lmkiln.model.kernels import Linear
 
 
 class RMSNorm(nn.Module):
@@ -112,10 +114,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.wqkv = nn.Linear(
+        self.wqkv = Linear(
             cfg.d_model, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias or cfg.qkv_bias
         )
-        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.wo = Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
 
     def forward(
@@ -158,10 +160,10 @@ class MLP(nn.Module):
         self.swiglu = cfg.mlp == "swiglu"
         hidden = cfg.ffn_dim
         if self.swiglu:
-            self.w_gate_up = nn.Linear(cfg.d_model, 2 * hidden, bias=cfg.bias)  # gate and up, fused
+            self.w_gate_up = Linear(cfg.d_model, 2 * hidden, bias=cfg.bias)  # gate and up, fused
         else:
-            self.w_up = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
-        self.w_down = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+            self.w_up = Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.w_down = Linear(hidden, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
@@ -195,7 +197,7 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_embed.weight
         if cfg.position == "rope":

@@ -193,7 +193,7 @@ class TrainLoop:
         self.run_dir = run_dir
         self.ckpt_root = run_dir / "checkpoints" if run_dir else None
         self.state = TrainState()
-        self.train_model = setup.train_model or setup.model
+        self.train_model = setup.model if setup.train_model is None else setup.train_model
         self.micro = self.tcfg.micro_batch_size or self.tcfg.batch_size
         per_rank = self.tcfg.batch_size // runtime.world_size
         if self.tcfg.batch_size % runtime.world_size or per_rank % self.micro:

@@ -1,0 +1,91 @@
+"""Peak resident memory of each candidate, each in a fresh process so that nothing is shared.
+
+`python -m benchmarks.memory CANDIDATE SHAPE STEPS [OVERRIDES...]` trains CANDIDATE (lmkiln,
+transformers or plain_pytorch) for STEPS steps and prints one JSON line:
+
+- peak_rss_mb: the process's peak resident set (getrusage ru_maxrss) — interpreter, torch, the
+  candidate's imports (transformers' ~300 MB for the Trainer), model, optimizer, activations;
+- imports_rss_mb: resident memory after the imports, before the model is built;
+- training_mb: peak minus imports, what training itself added.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/status", encoding="utf-8") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def worker(candidate: str, shape_name: str, steps: int, overrides: list[str]) -> dict:
+    import torch
+
+    from benchmarks import peers
+    from benchmarks.common import SHAPES, synthetic_tokens
+
+    if candidate == "transformers":
+        import transformers  # noqa: F401  (counted: a Trainer user imports it)
+    else:
+        import lmkiln.train.loop  # noqa: F401
+    shape = SHAPES[shape_name]
+    tokens = synthetic_tokens(shape.vocab_size)
+    imports = current_rss_mb()
+    device = torch.device("cpu")
+    if candidate == "lmkiln":
+        peers.lmkiln_run(shape, steps, tokens, device, overrides)
+    elif candidate == "transformers":
+        peers.hf_trainer_run(shape, steps, tokens, device)
+    else:
+        peers.plain_run(shape, steps, tokens, device)
+    peak = peak_rss_mb()
+    return {
+        "peak_rss_mb": round(peak, 1),
+        "imports_rss_mb": round(imports, 1),
+        "training_mb": round(peak - imports, 1),
+    }
+
+
+def measure(candidate: str, shape_name: str, steps: int, overrides: list[str] = (), threads: int = 0) -> dict:
+    """Run the worker in a subprocess and return its JSON line."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.memory", candidate, shape_name, str(steps), *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory worker {candidate} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    import logging
+
+    logging.disable(logging.WARNING)
+    candidate, shape_name, steps, *overrides = sys.argv[1:]
+    print(json.dumps(worker(candidate, shape_name, int(steps), overrides)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
