@@ -4,7 +4,8 @@ One GPT-2-style model (the 10m shape's width and depth, a 4096-token BPE vocabul
 lmkiln, exported with `lmkiln.interop.hf_export` and loaded by `AutoModelForCausalLM` in fp32 —
 the same weights on both sides. Each side greedily generates `new_tokens` tokens after 16-token
 prompts at batch 1 and batch 8 (EOS does not stop either, so both produce exactly the same
-number of tokens); tokens/s counts generated tokens over the whole call, prefill included. The
+number of tokens); tokens/s counts generated tokens over the whole call, prefill included, after
+one untimed warm-up call each (oneDNN and MKL pick their kernels on first use). The
 generated ids are compared as a sanity check (greedy decoding of the same weights).
 """
 
@@ -66,6 +67,9 @@ def measure(corpus: str, new_tokens: int, rounds: int) -> dict:
         ids = torch.tensor(rows)
         times: dict[str, list[float]] = {"lmkiln": [], "transformers": []}
         ours = theirs = None
+        generate_ids(model, rows, Sampling(max_new_tokens=4, temperature=0.0), eos_id=None)  # warm-up
+        with torch.no_grad():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
         for _ in range(rounds):
             start = time.perf_counter()
             ours = generate_ids(model, rows, sampling, eos_id=None, pad_id=tok.pad_id)

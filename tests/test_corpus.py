@@ -70,3 +70,26 @@ def test_missing_corpus_and_csv_column(tmp_path):
     f = write(tmp_path / "t.csv", "a,b\n1,2\n")
     with pytest.raises(LmkilnError, match=r"t.csv:1: no column 'text' \(columns: a, b\)"):
         docs(f)
+
+
+def test_block_decoding_keeps_lines_numbers_and_errors(tmp_path, monkeypatch):
+    import lmkiln.data.corpus as corpus
+
+    body = "α one\r\ntwo\rstill two\n\n\nthree é\n"
+    f = write(tmp_path / "a.txt", "\ufeff" + body * 2 + "last line")
+    expected = {
+        "paragraph": [("1", "α one\r\ntwo\rstill two"), ("5", "three é\nα one\r\ntwo\rstill two"),
+                      ("10", "three é\nlast line")],
+        "line": [("1", "α one"), ("2", "two\rstill two"), ("5", "three é"), ("6", "α one"),
+                 ("7", "two\rstill two"), ("10", "three é"), ("11", "last line")],
+    }
+    for size in (1, 7, 64, 1 << 20):  # blocks that end inside lines and inside multi-byte characters
+        monkeypatch.setattr(corpus, "READ_BLOCK", size)
+        for unit, want in expected.items():
+            got = [(d.key.rsplit(":", 1)[1], d.text) for d in iter_documents(str(f), text_unit=unit)]
+            assert got == want, (size, unit)
+        assert docs(f, text_unit="file") == [body * 2 + "last line"]
+    bad = write(tmp_path / "bad.txt", ("ok line\n" * 30).encode() + b"caf\xe9\n")
+    monkeypatch.setattr(corpus, "READ_BLOCK", 50)
+    with pytest.raises(LmkilnError, match=r"bad.txt:31: not valid UTF-8 \(byte 0xe9 at byte offset 243"):
+        docs(bad)

@@ -108,22 +108,54 @@ def _key_base(spec: str) -> Path:
     return Path(*parts) if parts else Path(".")
 
 
+READ_BLOCK = 1 << 23  # bytes decoded at once: decoding line by line cost more than encoding the text
+
+
 def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text) for each line, decoding UTF-8 strictly with a precise error."""
-    offset = 0
+    """(1-based line number, text) for each line, decoding UTF-8 strictly with a precise error.
+
+    Lines end at "\n" only (as iterating a binary file does) and keep it. Blocks of whole lines
+    are decoded at once; a block that fails is decoded again line by line to name the line.
+    """
+    number, offset, pending = 0, 0, b""
     with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise LmkilnError(
-                    f"{path}:{number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte offset "
-                    f"{offset + err.start} of the file); convert the file to UTF-8"
-                ) from None
-            if number == 1 and line.startswith("\ufeff"):
-                line = line[1:]  # a byte-order mark is not text
-            offset += len(raw)
-            yield number, line
+        while True:
+            chunk = fh.read(READ_BLOCK)
+            data = pending + chunk
+            cut = len(data) if not chunk else data.rfind(b"\n") + 1
+            block, pending = data[:cut], data[cut:]
+            if block:
+                lines = _decode_block(path, block, number, offset).split("\n")
+                if lines[-1] == "":
+                    lines.pop()
+                    lines = [line + "\n" for line in lines]
+                else:  # the file's last line, without a newline
+                    lines = [line + "\n" for line in lines[:-1]] + [lines[-1]]
+                if number == 0 and lines and lines[0].startswith("\ufeff"):
+                    lines[0] = lines[0][1:]  # a byte-order mark is not text
+                yield from enumerate(lines, start=number + 1)
+                number += len(lines)
+                offset += len(block)
+            if not chunk:
+                return
+
+
+def _decode_block(path: Path, block: bytes, lines_before: int, offset: int) -> str:
+    try:
+        return block.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    raw_lines = [line + b"\n" for line in block.split(b"\n")]
+    for number, raw in enumerate(raw_lines, start=lines_before + 1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise LmkilnError(
+                f"{path}:{number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte offset "
+                f"{offset + err.start} of the file); convert the file to UTF-8"
+            ) from None
+        offset += len(raw)
+    raise AssertionError("a block that failed to decode has no bad line")
 
 
 def _read_text(path: Path, text_unit: str) -> Iterator[Document]:

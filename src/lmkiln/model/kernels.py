@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 CPU_MATMUL_CHOICES = ("auto", "onednn", "default")
-MIN_ROWS = 32
+MIN_ROWS = 1
 """Input rows (tokens) below which a GEMM stays on the default path."""
 
 _choice = "auto"
@@ -120,9 +120,11 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear`, through oneDNN for CPU fp32 when `use_onednn()` and the GEMM is large enough."""
-    if _eligible(x, weight):
+    if not _eligible(x, weight):
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _OneDNNLinear.apply(x, weight, bias)
-    return F.linear(x, weight, bias)
+    return _gemm(x, weight, bias)  # inference: no graph to record
 
 
 class Linear(nn.Linear):
