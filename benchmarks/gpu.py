@@ -20,7 +20,10 @@ def measure(quick: bool, device: torch.device | None = None, shapes: dict[str, S
     if quick:
         shapes = dict(list(shapes.items())[:1])
     steps, warmup, rounds = (12, 6, 1) if quick else (30, 10, 2)
-    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device), "shapes": {}}
+    out = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+        "shapes": {},
+    }
     for name, shape in shapes.items():
         out["shapes"][name] = measure_shape(shape, steps, warmup, rounds, device, gpu=True)
     return out

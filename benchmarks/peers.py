@@ -112,7 +112,7 @@ def lmkiln_run(
 
     cfg = lmkiln_config(shape, steps, [f"train.device={device.type}", f"train.seed={seed}", *extra])
     runtime = Runtime.start(cfg.train, cfg.dist)
-    model = build_model(cfg.model, runtime.device, cfg.train.seed)
+    model = build_model(cfg.model, runtime.device, cfg.train.seed, cfg.train.activation_checkpointing)
     train_model = parallelize(model, cfg, runtime)
     optimizer = build_optimizer(model, cfg.optim)
     timed = Timed(model=model)
@@ -226,9 +226,7 @@ def hf_trainer_run(
             seed=seed,
         )
         dataset = WindowDataset(tokens, shape.seq_len, shape.batch_size * steps, seed)
-        trainer = Trainer(
-            model=model, args=args, train_dataset=dataset, callbacks=[StepClock(), *callbacks]
-        )
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[StepClock(), *callbacks])
         trainer.remove_callback(PrinterCallback)  # its log lines would go to stdout, the report's place
         trainer.train()
     sync(device)

@@ -75,7 +75,9 @@ class HFLogits(nn.Module):
         return self.model(input_ids=input_ids).logits
 
 
-def lmkiln_config(corpus: str, cache: str, run_dir: str, eval_every: int, eval_tokens: int, max_steps: int = 0):
+def lmkiln_config(
+    corpus: str, cache: str, run_dir: str, eval_every: int, eval_tokens: int, max_steps: int = 0
+):
     from lmkiln.config import load_config
 
     extra = [f"train.max_steps={max_steps}"] if max_steps else []
@@ -148,7 +150,9 @@ def run_peer(corpus: str, target: float, eval_every: int, eval_tokens: int) -> d
         shards = prepare_shards(cfg.data, tokenizer).shards
         tokens = np.concatenate(shards.arrays("train"))
         m = cfg.model
-        shape = Shape("ttl", m.n_layer, m.n_head, m.d_model, cfg.train.seq_len, PEER["batch_size"], tokenizer.vocab_size)
+        shape = Shape(
+            "ttl", m.n_layer, m.n_head, m.d_model, cfg.train.seq_len, PEER["batch_size"], tokenizer.vocab_size
+        )
         clock = EvalClock(lm_evaluator(shards, cfg, None), target, stop=False)
         runtime = Runtime(torch.device("cpu"))
 
@@ -195,6 +199,8 @@ def measure(corpus: str, target: float, eval_every: int, eval_tokens: int) -> di
         "eval_tokens": eval_tokens,
         "lmkiln": ours,
         "transformers": theirs,
-        "time_ratio_lmkiln_over_transformers": None if lm is None or peer is None else round(ratio(lm, peer), 3),
+        "time_ratio_lmkiln_over_transformers": None
+        if lm is None or peer is None
+        else round(ratio(lm, peer), 3),
         "load_average": loads,
     }

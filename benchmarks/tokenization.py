@@ -61,7 +61,11 @@ def measure_corpus(corpus: str, rounds: int, text_unit: str = "paragraph") -> di
     tok = train_bpe(iter(texts), vocab_size=4096)
     hf = HFTokenizer.from_str(tok.json)
     hf.encode_special_tokens = True  # lmkiln encodes raw text ordinarily; same ids either way here
-    timings: dict[str, list[float]] = {"lmkiln_prepare_shards": [], "tokenizers_encode_batch": [], "lmkiln_encode_batch": []}
+    timings: dict[str, list[float]] = {
+        "lmkiln_prepare_shards": [],
+        "tokenizers_encode_batch": [],
+        "lmkiln_encode_batch": [],
+    }
     identical = shards_ok = None
     loads = []
     for index in range(rounds):

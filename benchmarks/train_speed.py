@@ -25,7 +25,9 @@ def flops_per_token(shape: Shape) -> float:
     from lmkiln.config import load_config
     from lmkiln.model.transformer import training_flops_per_token
 
-    return float(training_flops_per_token(load_config(overrides=shape.lmkiln_overrides()).model, shape.seq_len))
+    return float(
+        training_flops_per_token(load_config(overrides=shape.lmkiln_overrides()).model, shape.seq_len)
+    )
 
 
 def best_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, float]:
@@ -64,7 +66,9 @@ def candidates(
         "plain_pytorch": lambda: peers.plain_run(shape, steps, tokens, device, bf16=gpu),
     }
     if compile_rows and not gpu:
-        runs["lmkiln_compile"] = lambda: peers.lmkiln_run(shape, steps, tokens, device, ["train.compile=true"])
+        runs["lmkiln_compile"] = lambda: peers.lmkiln_run(
+            shape, steps, tokens, device, ["train.compile=true"]
+        )
     return runs
 
 
@@ -105,6 +109,14 @@ def measure_shape(
             "mfu": round(rate * fpt / peak, 4),
         }
     lmkiln_rate = rows["lmkiln"]["tokens_per_s"]
+    ceiling = None
+    if device.type == "cpu":
+        ceiling = mfu_ceiling(shape)
+        seconds = (ceiling["gemm_ms"] + ceiling["attention_ms"]) / 1e3
+        ceiling["mfu_ceiling"] = round(tokens_per_step * fpt / seconds / peak, 4)
+        ceiling["lmkiln_step_ms_outside_gemm_attention"] = round(
+            rows["lmkiln"]["step_ms"] - ceiling["gemm_ms"] - ceiling["attention_ms"], 2
+        )
     return {
         "shape": shape.as_dict(),
         "describe": shape.describe(),
@@ -113,8 +125,49 @@ def measure_shape(
         "rows": rows,
         "speedup_vs_transformers": round(ratio(lmkiln_rate, rows["transformers"]["tokens_per_s"]), 3),
         "speedup_vs_plain_pytorch": round(ratio(lmkiln_rate, rows["plain_pytorch"]["tokens_per_s"]), 3),
+        "mfu_bound": ceiling,
         "load_average_per_round": loads,
         "steps_per_run": steps,
         "warmup_steps_dropped": warmup,
         "rounds": rounds,
     }
+
+
+def mfu_ceiling(shape: Shape, repeats: int = 5) -> dict:
+    """What MFU could be if everything but the GEMMs and attention took no time (CPU, fp32).
+
+    Times, at this shape's real sizes, the forward and both backward GEMMs of every Linear layer
+    through lmkiln's kernels (`kernels._gemm`, `kernels._weight_grad`: the oneDNN path training
+    uses) and SDPA's causal attention forward+backward, best of `repeats`. MFU cannot exceed
+    model FLOPs / (peak × that time) with these kernels, whatever the rest of the step costs.
+    """
+    import torch.nn.functional as F
+
+    from lmkiln.model import kernels
+
+    d, M, T, V = shape.d_model, shape.batch_size * shape.seq_len, shape.seq_len, shape.vocab_size
+    layers = [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]  # (in, out) of qkv, proj, up, down
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    def gemms(k: int, n: int) -> float:
+        x, w, g = torch.randn(M, k), torch.randn(n, k), torch.randn(M, n)
+        return best(
+            lambda: (kernels._gemm(x, w, None), kernels._gemm(g, w.t(), None), kernels._weight_grad(g, x))
+        )
+
+    linear_s = shape.n_layer * sum(gemms(k, n) for k, n in layers) + gemms(d, V)
+    heads = shape.n_head
+    q, k, v = (torch.randn(shape.batch_size, heads, T, d // heads, requires_grad=True) for _ in range(3))
+    grad = torch.randn(shape.batch_size, heads, T, d // heads)
+    attention_s = shape.n_layer * best(
+        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+    )
+    return {"gemm_ms": round(1e3 * linear_s, 2), "attention_ms": round(1e3 * attention_s, 2)}

@@ -63,8 +63,17 @@ def test_small_gemms_and_other_dtypes_stay_on_the_default_path():
 
 @onednn
 def test_transformer_logits_and_gradients_match_the_default_gemm():
-    cfg = ModelConfig(vocab_size=97, d_model=64, n_head=4, n_layer=2, block_size=32, norm="layer",
-                      position="learned", mlp="gelu", bias=True)
+    cfg = ModelConfig(
+        vocab_size=97,
+        d_model=64,
+        n_head=4,
+        n_layer=2,
+        block_size=32,
+        norm="layer",
+        position="learned",
+        mlp="gelu",
+        bias=True,
+    )
     torch.manual_seed(0)
     model = Transformer(cfg)
     ids = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(1))
@@ -102,3 +111,18 @@ def test_auto_optimizer_is_fused_on_cpu():
     model = torch.nn.Linear(4, 4)
     optimizer = build_optimizer(model, load_config(overrides=["optim.name=adamw"]).optim)
     assert optimizer.defaults["fused"]
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    cfg = ModelConfig(vocab_size=97, d_model=64, n_head=4, n_kv_head=2, n_layer=2, block_size=32)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    ids = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for recompute in (False, True):
+        model.checkpoint_activations = recompute
+        model.zero_grad()
+        F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -31,7 +31,11 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 # non-space, where GPT2_PATTERN leaves the run's last character to the next piece; cutting the
 # text right before that character first (`lookahead_cuts`) makes the pieces identical.
 GPT2_PATTERN_NO_LOOKAHEAD = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+"""
-WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+WHITE_SPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680"
+    + "".join(map(chr, range(0x2000, 0x200B)))
+    + "\u2028\u2029\u202f\u205f\u3000"
+)
 """Unicode's White_Space property: what `\\s` matches in tiktoken's (Rust) regex engine."""
 _IS_SPACE = np.zeros(0x3002, dtype=bool)  # code point → White_Space; 0x3001 stands for everything above
 _IS_SPACE[[ord(c) for c in WHITE_SPACE]] = True
