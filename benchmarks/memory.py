@@ -39,10 +39,10 @@ def worker(candidate: str, shape_name: str, steps: int, overrides: list[str]) ->
     from benchmarks import peers
     from benchmarks.common import SHAPES, synthetic_tokens
 
-    if candidate == "transformers":
-        import transformers  # noqa: F401  (counted: a Trainer user imports it)
+    if candidate == "transformers":  # what a Trainer user imports (transformers loads lazily)
+        from transformers import GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: F401
     else:
-        import lmkiln.train.loop  # noqa: F401
+        import lmkiln.train.pretrain  # noqa: F401
     shape = SHAPES[shape_name]
     tokens = synthetic_tokens(shape.vocab_size)
     imports = current_rss_mb()

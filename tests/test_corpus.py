@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import write
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from conftest import write
 
 from lmkiln.data.corpus import iter_documents, resolve_sources
 from lmkiln.errors import LmkilnError
