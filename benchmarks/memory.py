@@ -3,8 +3,10 @@
 `python -m benchmarks.memory CANDIDATE SHAPE STEPS [OVERRIDES...]` trains CANDIDATE (lmkiln,
 transformers or plain_pytorch) for STEPS steps and prints one JSON line:
 
-- peak_rss_mb: the process's peak resident set (getrusage ru_maxrss) — interpreter, torch, the
-  candidate's imports (transformers' ~300 MB for the Trainer), model, optimizer, activations;
+- peak_rss_mb: the process's peak resident set (VmHWM of /proc/self/status) — interpreter, torch,
+  the candidate's imports (transformers' for the Trainer), model, optimizer, activations. Not
+  getrusage's ru_maxrss: Linux carries that across fork and exec, so a worker started by the
+  (large) benchmark process would report its parent's peak;
 - imports_rss_mb: resident memory after the imports, before the model is built;
 - training_mb: peak minus imports, what training itself added.
 """
@@ -21,16 +23,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def current_rss_mb() -> float:
+def _status_mb(field: str) -> float:
     with open("/proc/self/status", encoding="utf-8") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
     return float("nan")
 
 
+def current_rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's own peak resident memory (reset by exec, unlike ru_maxrss)."""
+    peak = _status_mb("VmHWM")
+    return peak if peak == peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker(candidate: str, shape_name: str, steps: int, overrides: list[str]) -> dict:

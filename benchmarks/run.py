@@ -223,7 +223,7 @@ def targets(results: dict) -> list[dict]:
             round(rows["lmkiln"]["peak_rss_mb"] / rows["transformers"]["peak_rss_mb"], 3),
             "<=",
             1.0,
-            "peak RSS lmkiln / Trainer (whole process)",
+            "peak RSS (VmHWM) lmkiln / Trainer, whole process",
         )
     return out
 

@@ -203,8 +203,13 @@ def _batches(documents: Iterator[Document]) -> Iterator[list[Document]]:
 
 
 def _flatten(ids: list[list[int]], eos: int) -> np.ndarray:
-    total = sum(len(x) for x in ids) + len(ids)
-    return np.fromiter(chain.from_iterable(chain(x, (eos,)) for x in ids), dtype=np.int64, count=total)
+    """Every document's ids followed by EOS, as one array (list.extend runs at C speed)."""
+    flat: list[int] = []
+    extend, append = flat.extend, flat.append
+    for doc_ids in ids:
+        extend(doc_ids)
+        append(eos)
+    return np.fromiter(flat, dtype=np.int64, count=len(flat))
 
 
 def _write_documents(
