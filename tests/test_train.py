@@ -203,3 +203,16 @@ def test_training_reduces_validation_loss_and_resume_is_exact(tmp_path):
     resumed = pretrain(tiny_cfg(tmp_path / "b"), resume="auto")
     assert resumed.fit.state.step == 40
     assert weights_hash(resumed.model) == uninterrupted
+
+
+def test_loop_accepts_a_compiled_train_model(tmp_path):
+    """A compiled module refuses truth-testing (len()); the loop must not test it (compile=true)."""
+    from lmkiln.train.loop import TrainLoop, TrainSetup
+
+    model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_head=2, n_layer=1, block_size=16))
+    compiled = torch.compile(model)  # lazy: nothing is compiled until the first call
+    cfg = load_config(overrides=["train.max_steps=1"])
+    setup = TrainSetup(
+        model, LanguageModelLoss(), iter([]), build_optimizer(model, cfg.optim), 1, train_model=compiled
+    )
+    assert TrainLoop(setup, cfg, CPU, None).train_model is compiled
