@@ -98,8 +98,8 @@ def generate_ids(
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     cache = KVCache.empty(cfg, B, width, device, next(model.parameters()).dtype) if use_cache else None
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    emitted = torch.zeros((B, steps), dtype=torch.bool, device=device)  # rows whose token is output
     can_finish = eos_id is not None or on_tokens is not None
+    emitted = torch.full((B, steps), not can_finish, dtype=torch.bool, device=device)  # real output
     length = longest
     for step in range(steps):
         start = cache.length if cache is not None else 0
@@ -108,18 +108,21 @@ def generate_ids(
             inputs = {"attention_mask": mask[:, :length], "position_ids": positions[:, start:length]}
         logits = model(ids[:, start:length], cache=cache, **inputs)
         token = sample_next(logits[:, -1], sampling, generator)
+        length += 1
+        if not can_finish:  # nothing can end a row: every token is output
+            ids[:, length - 1] = token
+            continue
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         is_eos = token == eos_id if eos_id is not None else torch.zeros_like(finished)
         active = ~finished & ~is_eos  # rows whose token is real output
         finished = finished | is_eos
-        ids[:, length] = token
+        ids[:, length - 1] = token
         emitted[:, step] = active
-        length += 1
         if on_tokens is not None:
             stop_rows = on_tokens(token, active)
             if stop_rows is not None:
                 finished = finished | stop_rows
-        if can_finish and bool(finished.all()):
+        if bool(finished.all()):
             break
     new = ids[:, longest:length].tolist()
     keep = emitted[:, : length - longest].tolist()

@@ -248,13 +248,15 @@ class Transformer(nn.Module):
                 f"sequence of {start + T} tokens exceeds the model's context of "
                 f"{self.cfg.block_size} (or the cache's capacity)"
             )
-        if position_ids is None:
-            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.tok_embed(input_ids)  # (B, T, C)
         rope = None
-        if self.pos_embed is not None:
+        if self.pos_embed is not None and position_ids is None:
+            x = x + self.pos_embed.weight[start : start + T]  # positions start..start+T-1, every row
+        elif self.pos_embed is not None:
             x = x + self.pos_embed(position_ids)
         else:
+            if position_ids is None:
+                position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
             rope = (
                 self.rope_cos[position_ids].unsqueeze(1).to(x.dtype),  # (B, 1, T, D)
                 self.rope_sin[position_ids].unsqueeze(1).to(x.dtype),
