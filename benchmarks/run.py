@@ -1,9 +1,9 @@
 """lmkiln next to its peers, in one process run: throughput, MFU, time to loss, tokenization,
 generation, memory — and the targets, as ratios measured in the same run.
 
-    PYTHONPATH=src python -m benchmarks.run                                   # everything (~15 min on 2 cores)
-    PYTHONPATH=src python -m benchmarks.run --corpus tinyshakespeare.txt      # + time to target loss
-    PYTHONPATH=src python -m benchmarks.run --quick --only train,tokenize     # a quick look
+    python -m benchmarks.run                                   # everything (~7 min on 2 cores)
+    python -m benchmarks.run --corpus tinyshakespeare.txt      # + time to target loss
+    python -m benchmarks.run --quick --only train,tokenize     # a quick look
 
 Candidates alternate within each section (lmkiln, peer, floor, lmkiln, ...) and figures are
 medians, so background load on a shared machine moves all of them alike. Prints the JSON report

@@ -5,7 +5,7 @@
 - Llama: RMSNorm, rotary positions, SwiGLU, grouped-query attention, no biases.
 - GPT-2: LayerNorm, learned positions, GELU, biases.
 Attention goes through `F.scaled_dot_product_attention`; Linear layers are `kernels.Linear` (oneDNN
-GEMMs on CPUs where they are faster). Four things can restrict it beyond
+GEMMs on CPUs where they are faster). Four things can restrict attention beyond
 causality: `doc_ids` (packed documents never see each other), `attention_mask` (padding), a
 `KVCache` (generation: new queries attend to cached keys) and `cfg.sliding_window` (Mistral). Shapes are noted as (B, T, ...) with
 B batch, T tokens, H heads, K key/value heads, D head size, C model width, V vocabulary.
