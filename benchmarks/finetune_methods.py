@@ -102,7 +102,7 @@ def main() -> None:
         lmkiln(
             "finetune",
             *("--base", str(base), "--data", str(work / "task.jsonl"), *flags, PROMPT),
-            *("train.max_epochs=2", "schedule.warmup_steps=5", "finetune.eval_samples=0"),
+            *("train.max_epochs=5", "schedule.warmup_steps=5", "finetune.eval_samples=0"),
             *(f"train.run_dir={run}", "log.progress=off", "log.plot=false", "--overwrite"),
         )
         wall = time.perf_counter() - started

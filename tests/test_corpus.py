@@ -6,6 +6,8 @@ import json
 
 import pytest
 from conftest import write
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmkiln.data.corpus import iter_documents, resolve_sources
 from lmkiln.errors import LmkilnError
@@ -70,3 +72,72 @@ def test_missing_corpus_and_csv_column(tmp_path):
     f = write(tmp_path / "t.csv", "a,b\n1,2\n")
     with pytest.raises(LmkilnError, match=r"t.csv:1: no column 'text' \(columns: a, b\)"):
         docs(f)
+
+
+def test_block_decoding_keeps_lines_numbers_and_errors(tmp_path, monkeypatch):
+    import lmkiln.data.corpus as corpus
+
+    body = "α one\r\ntwo\rstill two\n\n\nthree é\n"
+    f = write(tmp_path / "a.txt", "\ufeff" + body * 2 + "last line")
+    expected = {
+        "paragraph": [
+            ("1", "α one\r\ntwo\rstill two"),
+            ("5", "three é\nα one\r\ntwo\rstill two"),
+            ("10", "three é\nlast line"),
+        ],
+        "line": [
+            ("1", "α one"),
+            ("2", "two\rstill two"),
+            ("5", "three é"),
+            ("6", "α one"),
+            ("7", "two\rstill two"),
+            ("10", "three é"),
+            ("11", "last line"),
+        ],
+    }
+    for size in (1, 7, 64, 1 << 20):  # blocks that end inside lines and inside multi-byte characters
+        monkeypatch.setattr(corpus, "READ_BLOCK", size)
+        for unit, want in expected.items():
+            got = [(d.key.rsplit(":", 1)[1], d.text) for d in iter_documents(str(f), text_unit=unit)]
+            assert got == want, (size, unit)
+        assert docs(f, text_unit="file") == [body * 2 + "last line"]
+    bad = write(tmp_path / "bad.txt", ("ok line\n" * 30).encode() + b"caf\xe9\n")
+    monkeypatch.setattr(corpus, "READ_BLOCK", 50)
+    with pytest.raises(LmkilnError, match=r"bad.txt:31: not valid UTF-8 \(byte 0xe9 at byte offset 243"):
+        docs(bad)
+
+
+def _reference_documents(raw: str, unit: str) -> list[tuple[int, str]]:
+    """The line-by-line reading lmkiln used before block decoding: the definition of the units."""
+    lines = raw.split("\n")  # lines end at \n only
+    lines = [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+    if lines and lines[0].startswith("\ufeff"):
+        lines[0] = lines[0][1:]
+    if unit == "line":
+        return [(n, line.rstrip("\r\n")) for n, line in enumerate(lines, 1) if line.rstrip("\r\n").strip()]
+    out, paragraph, start = [], [], 1
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            start = number if not paragraph else start
+            paragraph.append(line)
+        elif paragraph:
+            out.append((start, "".join(paragraph).rstrip("\r\n")))
+            paragraph = []
+    if paragraph:
+        out.append((start, "".join(paragraph).rstrip("\r\n")))
+    return [(n, t) for n, t in out if t.strip()]
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(alphabet="ab é\n\r\t\x0c\x1c\u2028\ufeff", max_size=80), block=st.integers(1, 40))
+def test_paragraphs_and_lines_match_the_line_by_line_definition(tmp_path_factory, text, block):
+    import lmkiln.data.corpus as corpus
+
+    f = write(tmp_path_factory.mktemp("c") / "t.txt", text)
+    saved, corpus.READ_BLOCK = corpus.READ_BLOCK, block
+    try:
+        for unit in ("paragraph", "line"):
+            got = [(int(d.key.rsplit(":", 1)[1]), d.text) for d in iter_documents(str(f), text_unit=unit)]
+            assert got == _reference_documents(text, unit), unit
+    finally:
+        corpus.READ_BLOCK = saved

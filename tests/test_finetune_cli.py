@@ -140,7 +140,7 @@ def test_pretrain_finetune_eval_end_to_end(tmp_path):
         "--method",
         "full",
         prompt,
-        "train.max_epochs=3",
+        "train.max_epochs=6",
         "optim.lr=3e-3",
         "schedule.warmup_steps=5",
         f"train.run_dir={run}",

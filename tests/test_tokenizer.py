@@ -118,3 +118,23 @@ def test_char_tokenizer_falls_back_to_bytes_for_unseen_characters(char):
 
 _BPE = train_bpe(iter(PYDOC[:30]), vocab_size=1024)
 _CHAR = train_char(iter(PYDOC[:10]))
+
+
+# Whitespace runs are where the fast encoder's look-ahead-free pattern needs its cuts: texts made
+# mostly of every White_Space character, characters Python calls space but Unicode does not
+# (\x1c-\x1f), apostrophes (contractions), letters, digits and punctuation.
+SPACEY = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u200a\u2028\u2029\u202f\u205f\u3000\x1c\x1f'sdtlvexA1.,é日😀"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet=SPACEY, max_size=40), min_size=1, max_size=8))
+def test_fast_bpe_encoder_matches_the_reference_around_whitespace_runs(texts):
+    assert _BPE.encode_batch(texts) == _BPE.encode_batch_reference(texts)
+    assert _BPE.encode_batch(["".join(texts)]) == _BPE.encode_batch_reference(["".join(texts)])
+
+
+def test_lookahead_cuts_mark_the_last_character_of_runs_before_text():
+    from lmkiln.data.fast_encode import lookahead_cuts
+
+    texts = ["a  b", "  ", "x \n", "a \n\tb  c", "", "\u3000\u3000z", "a\x1c\x1cb", "end  "]
+    assert [c.tolist() for c in lookahead_cuts(texts)] == [[2], [], [], [3, 6], [], [1], [], []]

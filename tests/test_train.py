@@ -213,3 +213,16 @@ def test_torch_compile_trains_to_the_same_losses_as_eager(tmp_path):
     )
     losses = [[h["loss"] for h in _history(r.run_dir) if h["event"] == "train"] for r in (eager, compiled)]
     assert losses[1] == pytest.approx(losses[0], abs=1e-4)
+
+
+def test_loop_accepts_a_compiled_train_model(tmp_path):
+    """A compiled module refuses truth-testing (len()); the loop must not test it (compile=true)."""
+    from lmkiln.train.loop import TrainLoop, TrainSetup
+
+    model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_head=2, n_layer=1, block_size=16))
+    compiled = torch.compile(model)  # lazy: nothing is compiled until the first call
+    cfg = load_config(overrides=["train.max_steps=1"])
+    setup = TrainSetup(
+        model, LanguageModelLoss(), iter([]), build_optimizer(model, cfg.optim), 1, train_model=compiled
+    )
+    assert TrainLoop(setup, cfg, CPU, None).train_model is compiled

@@ -215,6 +215,10 @@ class TrainConfig:
     """Compile the model with torch.compile (slow first step; pays off on larger models and GPUs)."""
     threads: int = 0
     """CPU threads for torch; 0 keeps torch's default."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations during backward instead of keeping them: less memory, about a third more compute."""
+    cpu_matmul: Literal["auto", "onednn", "default"] = "auto"
+    """CPU fp32 GEMM of the transformer's Linear layers: oneDNN (2.2x MKL on AVX-512 AMD CPUs), torch's default (MKL/BLAS), or auto (oneDNN where the CPU has AVX-512)."""
     sample_tokens: int = 64
     """Tokens to sample from the model when training ends (0 to skip)."""
     init_from: str = ""

@@ -13,6 +13,7 @@ import glob as globlib
 import hashlib
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -108,45 +109,98 @@ def _key_base(spec: str) -> Path:
     return Path(*parts) if parts else Path(".")
 
 
-def decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text) for each line, decoding UTF-8 strictly with a precise error."""
-    offset = 0
+READ_BLOCK = 1 << 23  # bytes decoded at once: decoding line by line cost more than encoding the text
+
+
+def _decoded_blocks(path: Path) -> Iterator[tuple[int, str]]:
+    """(number of its first line, text) of consecutive blocks of whole lines, decoded strictly.
+
+    Lines end at "\n" only (as iterating a binary file does). Blocks of whole lines are decoded at
+    once; a block that fails is decoded again line by line to name the bad line.
+    """
+    number, offset, pending = 1, 0, b""
     with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise LmkilnError(
-                    f"{path}:{number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte offset "
-                    f"{offset + err.start} of the file); convert the file to UTF-8"
-                ) from None
-            if number == 1 and line.startswith("\ufeff"):
-                line = line[1:]  # a byte-order mark is not text
-            offset += len(raw)
-            yield number, line
+        while True:
+            chunk = fh.read(READ_BLOCK)
+            data = pending + chunk
+            cut = len(data) if not chunk else data.rfind(b"\n") + 1
+            block, pending = data[:cut], data[cut:]
+            if block:
+                text = _decode_block(path, block, number - 1, offset)
+                if number == 1 and text.startswith("\ufeff"):
+                    text = text[1:]  # a byte-order mark is not text
+                yield number, text
+                number += text.count("\n")
+                offset += len(block)
+            if not chunk:
+                return
+
+
+def decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) for each line, keeping its "\n"."""
+    for first, text in _decoded_blocks(path):
+        lines = text.split("\n")
+        tail = lines.pop()  # "" after a final newline, else the file's last line
+        yield from enumerate((line + "\n" for line in lines), start=first)
+        if tail:
+            yield first + len(lines), tail
+
+
+_BLANK_LINES = re.compile(r"^(?:[^\S\n]*\n)+", re.MULTILINE)  # \s is str.isspace, as strip() uses
+
+
+def _paragraphs(path: Path) -> Iterator[Document]:
+    """Runs of non-blank lines, found by a regex over whole blocks (a loop over lines is slower)."""
+    pending, pending_line, where = "", 0, f"{path}:"
+    for first, text in _decoded_blocks(path):
+        if not text.endswith("\n"):
+            text += "\n"  # the file's last line: closing it changes no paragraph's text
+        position, line = 0, first  # line: the number of the line that starts at `position`
+        for blank in _BLANK_LINES.finditer(text):
+            if blank.start() > position:
+                if not pending:
+                    pending_line = line
+                pending += text[position : blank.start()]
+            if pending:
+                yield Document(where + str(pending_line), pending.rstrip("\r\n"))
+                pending = ""
+            line += text.count("\n", position, blank.end())
+            position = blank.end()
+        if position < len(text):  # a paragraph that may go on in the next block
+            if not pending:
+                pending_line = line
+            pending += text[position:]
+    if pending:
+        yield Document(where + str(pending_line), pending.rstrip("\r\n"))
+
+
+def _decode_block(path: Path, block: bytes, lines_before: int, offset: int) -> str:
+    try:
+        return block.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    raw_lines = [line + b"\n" for line in block.split(b"\n")]
+    for number, raw in enumerate(raw_lines, start=lines_before + 1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise LmkilnError(
+                f"{path}:{number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte offset "
+                f"{offset + err.start} of the file); convert the file to UTF-8"
+            ) from None
+        offset += len(raw)
+    raise AssertionError("a block that failed to decode has no bad line")
 
 
 def _read_text(path: Path, text_unit: str) -> Iterator[Document]:
     if text_unit == "file":
-        text = "".join(line for _, line in decoded_lines(path))
-        yield Document(str(path), text)
+        yield Document(str(path), "".join(text for _, text in _decoded_blocks(path)))
         return
     if text_unit == "line":
         for number, line in decoded_lines(path):
             yield Document(f"{path}:{number}", line.rstrip("\r\n"))
         return
-    paragraph: list[str] = []
-    start = 1
-    for number, line in decoded_lines(path):
-        if line.strip():
-            if not paragraph:
-                start = number
-            paragraph.append(line)
-        elif paragraph:
-            yield Document(f"{path}:{start}", "".join(paragraph).rstrip("\r\n"))
-            paragraph = []
-    if paragraph:
-        yield Document(f"{path}:{start}", "".join(paragraph).rstrip("\r\n"))
+    yield from _paragraphs(path)
 
 
 def _field_text(value: object, path: Path, where: str, field: str) -> str:

@@ -26,6 +26,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# The same without the look-ahead: tiktoken's regex engine then runs it as a plain automaton, 1.5x
+# faster. The two split text differently only at a run of 2+ whitespace characters followed by a
+# non-space, where GPT2_PATTERN leaves the run's last character to the next piece; cutting the
+# text right before that character first (`lookahead_cuts`) makes the pieces identical.
+GPT2_PATTERN_NO_LOOKAHEAD = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+"""
+WHITE_SPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680"
+    + "".join(map(chr, range(0x2000, 0x200B)))
+    + "\u2028\u2029\u202f\u205f\u3000"
+)
+"""Unicode's White_Space property: what `\\s` matches in tiktoken's (Rust) regex engine."""
+_IS_SPACE = np.zeros(0x3002, dtype=bool)  # code point → White_Space; 0x3001 stands for everything above
+_IS_SPACE[[ord(c) for c in WHITE_SPACE]] = True
 VERIFY_CHARS = 4096  # characters of each batch re-encoded by the reference to check the fast path
 
 PROBE_TEXT = (
@@ -65,6 +78,26 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
+def lookahead_cuts(texts: list[str]) -> list[np.ndarray]:
+    """Per text, the offsets where GPT2_PATTERN ends a piece that GPT2_PATTERN_NO_LOOKAHEAD would not.
+
+    That is the last character of every run of 2+ whitespace characters followed by a non-space.
+    The texts are scanned together (numpy, one pass, joined by NUL, which is no whitespace), so
+    thousands of short documents cost one scan; a run that ends its text is no cut.
+    """
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])  # each text's offset in the join
+    points = np.frombuffer("\0".join(texts).encode("utf-32-le"), dtype=np.uint32)
+    space = _IS_SPACE[np.minimum(points, len(_IS_SPACE) - 1)]
+    hits = np.flatnonzero(space[:-2] & space[1:-1] & ~space[2:]) + 1  # (cuts,) offsets in the join
+    owner = np.searchsorted(starts, hits, side="right") - 1
+    local = hits - starts[owner]
+    keep = local + 1 < lengths[owner]  # the non-space after the run is the text's own, not the NUL
+    owner, local = owner[keep], local[keep]
+    bounds = np.searchsorted(owner, np.arange(len(texts) + 1))
+    return [local[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
 class TiktokenBPE:
     name = "tiktoken"
 
@@ -75,23 +108,37 @@ class TiktokenBPE:
         ranks = {bytes(byte_of[c] for c in token): rank for token, rank in spec["model"]["vocab"].items()}
         specials = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
         self.encoding = tiktoken.Encoding(
-            "lmkiln", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=specials
+            "lmkiln", pat_str=GPT2_PATTERN_NO_LOOKAHEAD, mergeable_ranks=ranks, special_tokens=specials
         )
         self.threads = threads
         self.pool: ThreadPoolExecutor | None = None
+
+    def encode_chunk(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each text: the look-ahead-free pattern over the text cut at `lookahead_cuts`."""
+        encode = self.encoding.encode_ordinary
+        out = []
+        for text, cuts in zip(texts, lookahead_cuts(texts)):
+            if not len(cuts):
+                out.append(encode(text))
+                continue
+            ids, start = [], 0
+            for cut in cuts.tolist():
+                ids += encode(text[start:cut])
+                start = cut
+            ids += encode(text[start:])
+            out.append(ids)
+        return out
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # tiktoken's own batch call pays a thread-pool task per text; contiguous chunks per thread
         # keep both cores busy on many short documents (20 vs 7 MB/s on paragraphs).
         if self.threads == 1 or len(texts) < 2:
-            return [self.encoding.encode_ordinary(t) for t in texts]
+            return self.encode_chunk(texts)
         if self.pool is None:
             self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="lmkiln-encode")
         bounds = _balanced_bounds([len(t) for t in texts], self.threads)
         chunks = [texts[a:b] for a, b in zip(bounds, bounds[1:])]
-        encode = self.encoding.encode_ordinary
-        parts = self.pool.map(lambda chunk: [encode(t) for t in chunk], chunks)
-        return [ids for part in parts for ids in part]
+        return [ids for part in self.pool.map(self.encode_chunk, chunks) for ids in part]
 
 
 def _balanced_bounds(lengths: list[int], parts: int) -> list[int]:

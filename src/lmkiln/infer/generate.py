@@ -56,7 +56,7 @@ def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_ids(
     model: nn.Module,
     prompts: list[list[int]],
@@ -71,6 +71,8 @@ def generate_ids(
     `on_tokens(tokens (B,), active (B,))` is called after every step with the rows whose token is
     real output; it may return a (B,) mask of rows to stop (stop strings, streaming). `use_cache=False` recomputes
     the whole sequence every step: slower, and the reference the cache is tested against.
+    Prompts of equal length need no padding mask: then each step runs the model on the new
+    token alone (the fast path); otherwise a mask hides the left padding.
     """
     if any(len(p) == 0 for p in prompts):
         raise LmkilnError("every prompt needs at least one token")
@@ -85,47 +87,46 @@ def generate_ids(
     B = len(prompts)
     width = longest + steps
     ids = torch.full((B, width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((B, width), dtype=torch.long, device=device)
+    mask = torch.ones((B, width), dtype=torch.long, device=device)  # generated tokens are all real
     for row, prompt in enumerate(prompts):
         ids[row, longest - len(prompt) : longest] = torch.tensor(prompt, device=device)
-        mask[row, longest - len(prompt) : longest] = 1
+        mask[row, : longest - len(prompt)] = 0
+    padded = any(len(p) != longest for p in prompts)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, width): real tokens count from 0
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     cache = KVCache.empty(cfg, B, width, device, next(model.parameters()).dtype) if use_cache else None
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    out: list[list[int]] = [[] for _ in range(B)]
+    can_finish = eos_id is not None or on_tokens is not None
+    emitted = torch.full((B, steps), not can_finish, dtype=torch.bool, device=device)  # real output
     length = longest
-    for _ in range(steps):
-        positions = (mask[:, :length].cumsum(dim=1) - 1).clamp(min=0)
-        if cache is None:
-            logits = model(ids[:, :length], attention_mask=mask[:, :length], position_ids=positions)
-        else:
-            start = cache.length
-            logits = model(
-                ids[:, start:length],
-                attention_mask=mask[:, :length],
-                position_ids=positions[:, start:length],
-                cache=cache,
-            )
+    for step in range(steps):
+        start = cache.length if cache is not None else 0
+        inputs = {}
+        if padded:
+            inputs = {"attention_mask": mask[:, :length], "position_ids": positions[:, start:length]}
+        logits = model(ids[:, start:length], cache=cache, **inputs)
         token = sample_next(logits[:, -1], sampling, generator)
+        length += 1
+        if not can_finish:  # nothing can end a row: every token is output
+            ids[:, length - 1] = token
+            continue
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         is_eos = token == eos_id if eos_id is not None else torch.zeros_like(finished)
         active = ~finished & ~is_eos  # rows whose token is real output
         finished = finished | is_eos
-        ids[:, length] = token
-        mask[:, length] = 1
-        length += 1
-        for row, (keep, value) in enumerate(zip(active.tolist(), token.tolist())):
-            if keep:
-                out[row].append(value)
+        ids[:, length - 1] = token
+        emitted[:, step] = active
         if on_tokens is not None:
             stop_rows = on_tokens(token, active)
             if stop_rows is not None:
                 finished = finished | stop_rows
         if bool(finished.all()):
             break
-    return out
+    new = ids[:, longest:length].tolist()
+    keep = emitted[:, : length - longest].tolist()
+    return [[t for t, k in zip(row, flags) if k] for row, flags in zip(new, keep)]
 
 
 class TextStream:

@@ -4,7 +4,8 @@
 
 - Llama: RMSNorm, rotary positions, SwiGLU, grouped-query attention, no biases.
 - GPT-2: LayerNorm, learned positions, GELU, biases.
-Attention goes through `F.scaled_dot_product_attention`. Four things can restrict it beyond
+Attention goes through `F.scaled_dot_product_attention`; Linear layers are `kernels.Linear` (oneDNN
+GEMMs on CPUs where they are faster). Four things can restrict attention beyond
 causality: `doc_ids` (packed documents never see each other), `attention_mask` (padding), a
 `KVCache` (generation: new queries attend to cached keys) and `cfg.sliding_window` (Mistral). Shapes are noted as (B, T, ...) with
 B batch, T tokens, H heads, K key/value heads, D head size, C model width, V vocabulary.
@@ -18,8 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmkiln.config import ModelConfig
+from lmkiln.model.kernels import Linear
 
 
 class RMSNorm(nn.Module):
@@ -112,10 +115,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.wqkv = nn.Linear(
+        self.wqkv = Linear(
             cfg.d_model, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias or cfg.qkv_bias
         )
-        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.wo = Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
 
     def forward(
@@ -158,10 +161,10 @@ class MLP(nn.Module):
         self.swiglu = cfg.mlp == "swiglu"
         hidden = cfg.ffn_dim
         if self.swiglu:
-            self.w_gate_up = nn.Linear(cfg.d_model, 2 * hidden, bias=cfg.bias)  # gate and up, fused
+            self.w_gate_up = Linear(cfg.d_model, 2 * hidden, bias=cfg.bias)  # gate and up, fused
         else:
-            self.w_up = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
-        self.w_down = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+            self.w_up = Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.w_down = Linear(hidden, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
@@ -170,12 +173,17 @@ class MLP(nn.Module):
         return self.w_down(F.gelu(self.w_up(x), approximate="tanh"))
 
 
+def make_dropout(p: float) -> nn.Module:
+    """Dropout, or nothing at all when p is 0 (one call less per use when generating token by token)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.norm1, self.attn = make_norm(cfg), Attention(cfg)
         self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = make_dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         x = x + self.drop(self.attn(self.norm1(x), rope, mask, cache, layer))
@@ -192,16 +200,19 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.position == "learned" else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = make_dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_embed.weight
         if cfg.position == "rope":
             cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_base, rope_inv_freq(cfg))
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        # Recompute each block's activations in backward instead of storing them (less memory,
+        # ~1/3 more compute); training sets it from train.activation_checkpointing.
+        self.checkpoint_activations = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -237,13 +248,15 @@ class Transformer(nn.Module):
                 f"sequence of {start + T} tokens exceeds the model's context of "
                 f"{self.cfg.block_size} (or the cache's capacity)"
             )
-        if position_ids is None:
-            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.tok_embed(input_ids)  # (B, T, C)
         rope = None
-        if self.pos_embed is not None:
+        if self.pos_embed is not None and position_ids is None:
+            x = x + self.pos_embed.weight[start : start + T]  # positions start..start+T-1, every row
+        elif self.pos_embed is not None:
             x = x + self.pos_embed(position_ids)
         else:
+            if position_ids is None:
+                position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
             rope = (
                 self.rope_cos[position_ids].unsqueeze(1).to(x.dtype),  # (B, 1, T, D)
                 self.rope_sin[position_ids].unsqueeze(1).to(x.dtype),
@@ -252,8 +265,12 @@ class Transformer(nn.Module):
         mask = build_mask(
             T, start, doc_ids, attention_mask, cache is not None, x.device, self.cfg.sliding_window
         )
+        recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, mask, cache, layer)
+            if recompute:  # keep only each block's input; backward recomputes the rest
+                x = checkpoint(block, x, rope, mask, cache, layer, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache, layer)
         if cache is not None:
             cache.length += T
         return self.norm_f(x)

@@ -37,14 +37,18 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _kernel_flags(cfg: OptimConfig, params: list[torch.Tensor], supports_fused: bool) -> dict:
-    """fused on devices that have it, foreach otherwise (both give the same numbers as a loop)."""
+    """fused on devices that have it, foreach otherwise (both give the same numbers as a loop).
+
+    On CPU, foreach is a loop of per-tensor kernels; the fused AdamW step measured 0.76 vs 2.0 ms
+    (0.8M parameters) and 6.2 vs 31 ms (10.7M) on the 2-core development machine.
+    """
     if cfg.impl == "loop":
         return {"foreach": False}
     if cfg.impl == "foreach":
         return {"foreach": True}
     devices = {p.device.type for g in params for p in g["params"]}
     fused_ok = supports_fused and devices <= {"cuda", "cpu", "mps"}
-    if cfg.impl == "fused" or (cfg.impl == "auto" and fused_ok and devices != {"cpu"}):
+    if cfg.impl == "fused" or (cfg.impl == "auto" and fused_ok):
         if not fused_ok:
             raise LmkilnError(f"optim.impl=fused is not available for {cfg.name} on {sorted(devices)}")
         return {"fused": True}

@@ -53,9 +53,13 @@ def resolve_vocab(cfg: ModelConfig, tokenizer: Tokenizer) -> None:
         )
 
 
-def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> Transformer:
+def build_model(
+    cfg: ModelConfig, device: torch.device, seed: int, checkpoint_activations: bool = False
+) -> Transformer:
     torch.manual_seed(seed)  # the same seed gives the same initial weights on every rank
-    return Transformer(cfg).to(device)
+    model = Transformer(cfg).to(device)
+    model.checkpoint_activations = checkpoint_activations
+    return model
 
 
 def lm_evaluator(shards: TokenShards, cfg: Config, eos_id: int | None):
@@ -249,7 +253,7 @@ def pretrain(
     shards = shard_report.shards
     shards.check_tokenizer(tokenizer)
 
-    model = build_model(cfg.model, runtime.device, cfg.train.seed)
+    model = build_model(cfg.model, runtime.device, cfg.train.seed, cfg.train.activation_checkpointing)
     if initial is not None:
         load_model_tensors(model, initial, cfg.train.init_from)
     if runtime.is_main:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from lmkiln.config import DistConfig, TrainConfig
 from lmkiln.errors import LmkilnError
+from lmkiln.model.kernels import set_cpu_matmul
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,6 +84,7 @@ class Runtime:
         dist_cfg = dist_cfg or DistConfig()
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
+        set_cpu_matmul(cfg.cpu_matmul)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         device = resolve_device(cfg.device)

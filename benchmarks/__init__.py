@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of lmkiln against its peers; run them with `python -m benchmarks.run`."""
