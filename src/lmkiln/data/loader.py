@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from lmkiln.config import TrainConfig
 from lmkiln.errors import LmkilnError
 
 IGNORE_INDEX = -100
@@ -282,3 +283,16 @@ class CollatedBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.indices.load_state_dict(state)
+
+
+def epoch_stream(
+    size: int, train: TrainConfig, rank: int, world_size: int, collate
+) -> tuple[CollatedBatches, int]:
+    """The resumable training stream over a map-style dataset, and the run's total optimizer steps.
+
+    With train.max_epochs set the run lasts that many epochs, else train.max_steps.
+    """
+    micro = train.micro_batch_size or train.batch_size
+    indices = EpochBatches(size, train.batch_size, micro, train.seed, True, rank, world_size)
+    total = train.max_epochs * indices.steps_per_epoch if train.max_epochs else train.max_steps
+    return CollatedBatches(indices, collate), total

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lmkiln.config import Config, FinetuneConfig, ModelConfig, to_dict, to_yaml
-from lmkiln.data.loader import CollatedBatches, EpochBatches
+from lmkiln.data.loader import epoch_stream
 from lmkiln.data.tokenizer import CHATML_TEMPLATE, IM_END, IM_START, Tokenizer
 from lmkiln.errors import LmkilnError
 from lmkiln.finetune import examples as ex
@@ -378,9 +378,7 @@ def _train_setup(
     else:
         size, collate = len(train), ex.padded_collate(train, pad)
         objective, evaluate = LanguageModelLoss(), lm_evaluator(val, micro, pad) if val else None
-    indices = EpochBatches(size, tcfg.batch_size, micro, tcfg.seed, True, runtime.rank, runtime.world_size)
-    batches = CollatedBatches(indices, collate)
-    total = tcfg.max_epochs * indices.steps_per_epoch if tcfg.max_epochs else tcfg.max_steps
+    batches, total = epoch_stream(size, tcfg, runtime.rank, runtime.world_size, collate)
     fingerprint = {
         "base": base.source,
         "tokenizer": tokenizer.fingerprint[:16],

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lmkiln.config import Config
-from lmkiln.data.loader import IGNORE_INDEX, CollatedBatches, EpochBatches
+from lmkiln.data.loader import IGNORE_INDEX, epoch_stream
 from lmkiln.data.shards import is_validation
 from lmkiln.errors import LmkilnError
 from lmkiln.interop.encoders import (
@@ -275,10 +275,7 @@ def train_encoder(
         return collate_for(examples, cfg, tokenizer, pad_id)
 
     micro = cfg.train.micro_batch_size or cfg.train.batch_size
-    indices = EpochBatches(
-        len(train), cfg.train.batch_size, micro, cfg.train.seed, True, runtime.rank, runtime.world_size
-    )
-    batches = CollatedBatches(indices, make(train))
+    batches, total = epoch_stream(len(train), cfg.train, runtime.rank, runtime.world_size, make(train))
     evaluate = None
     if len(val):
         evaluate = (
@@ -288,7 +285,6 @@ def train_encoder(
         )
     run_dir = prepare_run_dir(cfg, resume=resume, overwrite=overwrite) if runtime.is_main else run_dir_of(cfg)
     runtime.barrier()
-    total = cfg.train.max_epochs * indices.steps_per_epoch if cfg.train.max_epochs else cfg.train.max_steps
     log.info(
         "encoder: %s (%s pooling), %d training / %d validation examples, %d steps",
         e.base,

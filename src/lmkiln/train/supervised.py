@@ -31,7 +31,7 @@ from torch import nn
 
 from lmkiln.config import Config, OptimConfig, build_config, flatten, to_dict
 from lmkiln.data.examples import Examples, as_examples, as_features, collate, to_tensor
-from lmkiln.data.loader import CollatedBatches, EpochBatches
+from lmkiln.data.loader import epoch_stream
 from lmkiln.errors import LmkilnError
 from lmkiln.eval.metrics import (
     DEFAULT_METRICS,
@@ -403,29 +403,24 @@ class Trainer:
                 )
             self.optimizer = build_optimizer(self.model, cfg.optim)
         micro = cfg.train.micro_batch_size or cfg.train.batch_size
-        indices = EpochBatches(
+        batches, total = epoch_stream(
             len(self.train_data),
-            cfg.train.batch_size,
-            micro,
-            cfg.train.seed,
-            True,
+            cfg.train,
             runtime.rank,
             runtime.world_size,
-        )
-        total = (
-            cfg.train.max_epochs * indices.steps_per_epoch if cfg.train.max_epochs else cfg.train.max_steps
+            partial(collate, self.train_data),
         )
         setup = TrainSetup(
             model=self.model,
             train_model=train_model,
             objective=self.loss,
-            train_batches=CollatedBatches(indices, partial(collate, self.train_data)),
+            train_batches=batches,
             optimizer=self.optimizer,
             total_steps=total,
             evaluate=self._evaluator() if self.val_data is not None else None,
             fingerprint=self._fingerprint(micro),
             tokens_in=lambda batch: batch["examples"],
-            epoch_of=lambda: indices.epoch,
+            epoch_of=lambda: batches.epoch,
             unit="examples",
         )
         loop = TrainLoop(setup, cfg, runtime, run_dir)
@@ -447,7 +442,7 @@ class Trainer:
             stop_reason=fitted.stop_reason,
             steps=state.step,
             epochs=state.epoch,
-            steps_per_epoch=indices.steps_per_epoch,
+            steps_per_epoch=batches.indices.steps_per_epoch,
             best_step=best,
             best_value=state.best_value,
             seconds=state.train_seconds,
