@@ -12,6 +12,7 @@ Targets come in three kinds, each with its own dtype:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,7 +80,7 @@ def _check_finite(x: torch.Tensor, what: str, rows: Sequence[int] | None = None)
         )
 
 
-class Examples:
+class Examples(ABC):
     """Indexable (x, y) pairs; subclasses implement `__len__` and `take`."""
 
     def __init__(self, kind: str, what: str) -> None:
@@ -89,12 +90,12 @@ class Examples:
         self.n_classes = 0
         """When set (classification), labels outside [0, n_classes) are an error."""
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def __len__(self) -> int: ...
 
+    @abstractmethod
     def take(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(x (B, ...), y (B, ...)) of these examples."""
-        raise NotImplementedError
 
     def check_labels(self, n_classes: int) -> None:
         """Classification: every label must be a class of a model with `n_classes` outputs."""
