@@ -139,13 +139,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         return 0
     from lmkiln.tasks import run_task
 
-    resume = args.resume
-    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        resume = "auto"  # torchrun restarted the workers after a failure: continue from the last checkpoint
-        log.info(
-            "restart %s of this torchrun job: resuming from the newest complete checkpoint",
-            os.environ["TORCHELASTIC_RESTART_COUNT"],
-        )
+    resume = _resume(args)
     result = run_task(cfg, resume=resume, force=args.force, overwrite=args.overwrite and resume is None)
     if _is_main():
         print(result.summary())
@@ -159,6 +153,17 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
             f"{length}   # continue training"
         )
     return 0
+
+
+def _resume(args: argparse.Namespace) -> str | None:
+    """--resume, or 'auto' when torchrun restarted the workers after a failure."""
+    if args.resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        log.info(
+            "restart %s of this torchrun job: resuming from the newest complete checkpoint",
+            os.environ["TORCHELASTIC_RESTART_COUNT"],
+        )
+        return "auto"
+    return args.resume
 
 
 def _is_main() -> bool:
@@ -235,7 +240,8 @@ def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
         return 0
     from lmkiln.tasks import run_task
 
-    result = run_task(cfg, resume=args.resume, force=args.force, overwrite=args.overwrite)
+    resume = _resume(args)
+    result = run_task(cfg, resume=resume, force=args.force, overwrite=args.overwrite and resume is None)
     if _is_main():
         print(result.summary())
     return 0
