@@ -134,15 +134,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _exec_torchrun(args.nproc)
     cfg = _load(args, extra)
-    if args.print_config:
-        _print_config(cfg)
-        return 0
-    from lmkiln.tasks import run_task
-
-    resume = _resume(args)
-    result = run_task(cfg, resume=resume, force=args.force, overwrite=args.overwrite and resume is None)
-    if _is_main():
-        print(result.summary())
+    result = _run_task(cfg, args)
+    if result is not None and _is_main():
         length = (
             f"--train.max_epochs {cfg.train.max_epochs * 2}"
             if cfg.train.max_epochs
@@ -153,6 +146,20 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
             f"{length}   # continue training"
         )
     return 0
+
+
+def _run_task(cfg, args: argparse.Namespace):
+    """Print the config (--print-config), or run the config's task and print its summary (returns its result)."""
+    if args.print_config:
+        _print_config(cfg)
+        return None
+    from lmkiln.tasks import run_task
+
+    resume = _resume(args)
+    result = run_task(cfg, resume=resume, force=args.force, overwrite=args.overwrite and resume is None)
+    if _is_main():
+        print(result.summary())
+    return result
 
 
 def _resume(args: argparse.Namespace) -> str | None:
@@ -235,15 +242,7 @@ def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
         if getattr(args, key):
             flags.append(f"finetune.{key}={getattr(args, key)}")
     cfg = _load(args, [*extra, *flags], default_recipe=f"sft-{args.format or 'instruction'}")
-    if args.print_config:
-        _print_config(cfg)
-        return 0
-    from lmkiln.tasks import run_task
-
-    resume = _resume(args)
-    result = run_task(cfg, resume=resume, force=args.force, overwrite=args.overwrite and resume is None)
-    if _is_main():
-        print(result.summary())
+    _run_task(cfg, args)
     return 0
 
 
