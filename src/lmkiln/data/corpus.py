@@ -16,8 +16,8 @@ import os
 import re
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from lmkiln.errors import LmkilnError
 
@@ -25,8 +25,9 @@ BUILTIN_PYDOC = "builtin:pydoc"
 SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".csv", ".parquet")
 
 
-@dataclass(frozen=True)
-class Document:
+class Document(NamedTuple):
+    # A named tuple, not a dataclass: a corpus yields one per paragraph or line, and a frozen
+    # dataclass's __init__ cost a third of reading a corpus of short paragraphs.
     key: str
     """Stable identity (source and position), used for the seeded train/validation split."""
     text: str
@@ -79,20 +80,19 @@ def iter_documents(spec: str, field: str = "text", text_unit: str = "paragraph")
     base = _key_base(spec)
     for path in resolve_sources(spec):
         suffix = path.suffix.lower()
-        if suffix in (".jsonl", ".json"):
-            reader = _read_jsonl(path, field)
-        elif suffix == ".csv":
-            reader = _read_csv(path, field)
-        elif suffix == ".parquet":
-            reader = _read_parquet(path, field)
-        else:
-            reader = _read_text(path, text_unit)
-        prefix = len(str(path))
+        # keys name the file relative to the corpus root, so moving a corpus keeps its split
         name = path.relative_to(base).as_posix() if path.is_relative_to(base) else path.name
+        if suffix in (".jsonl", ".json"):
+            reader = _read_jsonl(path, name, field)
+        elif suffix == ".csv":
+            reader = _read_csv(path, name, field)
+        elif suffix == ".parquet":
+            reader = _read_parquet(path, name, field)
+        else:
+            reader = _read_text(path, name, text_unit)
         for doc in reader:
             if doc.text.strip():
-                # keys name the file relative to the corpus root, so moving a corpus keeps its split
-                yield Document(name + doc.key[prefix:], doc.text)
+                yield doc
 
 
 def _key_base(spec: str) -> Path:
@@ -146,30 +146,41 @@ def decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
             yield first + len(lines), tail
 
 
-_BLANK_LINES = re.compile(r"^(?:[^\S\n]*\n)+", re.MULTILINE)  # \s is str.isspace, as strip() uses
+# A run of blank lines after a line's "\n" ([^\S\n] is what str.strip() removes, less "\n"). Anchoring
+# on the "\n" instead of `^` with re.MULTILINE makes the split 3x faster.
+_BLANK_RUN = re.compile(r"\n((?:[^\S\n]*\n)+)")
+_LEADING_BLANK = re.compile(r"(?:[^\S\n]*\n)+")
 
 
-def _paragraphs(path: Path) -> Iterator[Document]:
-    """Runs of non-blank lines, found by a regex over whole blocks (a loop over lines is slower)."""
-    pending, pending_line, where = "", 0, f"{path}:"
+def _paragraphs(path: Path, name: str) -> Iterator[Document]:
+    """Runs of non-blank lines: one regex split per block (a loop over lines is several times slower)."""
+    pending, pending_line, where = "", 0, f"{name}:"
     for first, text in _decoded_blocks(path):
         if not text.endswith("\n"):
             text += "\n"  # the file's last line: closing it changes no paragraph's text
-        position, line = 0, first  # line: the number of the line that starts at `position`
-        for blank in _BLANK_LINES.finditer(text):
-            if blank.start() > position:
-                if not pending:
-                    pending_line = line
-                pending += text[position : blank.start()]
+        line = first  # the number of the line the current piece starts at
+        leading = _LEADING_BLANK.match(text)
+        if leading:  # blank lines that open the block end a paragraph begun in the block before
             if pending:
                 yield Document(where + str(pending_line), pending.rstrip("\r\n"))
                 pending = ""
-            line += text.count("\n", position, blank.end())
-            position = blank.end()
-        if position < len(text):  # a paragraph that may go on in the next block
+            line += leading.group().count("\n")
+            text = text[leading.end() :]
+        # [paragraph, blank run, paragraph, blank run, ..., the rest]; the "\n" that ends each
+        # paragraph's last line belongs to neither piece
+        pieces = _BLANK_RUN.split(text)
+        for index in range(0, len(pieces) - 1, 2):
+            paragraph, blank = pieces[index], pieces[index + 1]
             if not pending:
                 pending_line = line
-            pending += text[position:]
+            pending += paragraph
+            yield Document(where + str(pending_line), pending.rstrip("\r\n"))
+            pending = ""
+            line += paragraph.count("\n") + 1 + blank.count("\n")
+        if pieces[-1]:  # a paragraph that may go on in the next block
+            if not pending:
+                pending_line = line
+            pending += pieces[-1]
     if pending:
         yield Document(where + str(pending_line), pending.rstrip("\r\n"))
 
@@ -192,15 +203,18 @@ def _decode_block(path: Path, block: bytes, lines_before: int, offset: int) -> s
     raise AssertionError("a block that failed to decode has no bad line")
 
 
-def _read_text(path: Path, text_unit: str) -> Iterator[Document]:
+# Each reader yields Documents keyed `name` + position; `path` is only read and named in errors.
+
+
+def _read_text(path: Path, name: str, text_unit: str) -> Iterator[Document]:
     if text_unit == "file":
-        yield Document(str(path), "".join(text for _, text in _decoded_blocks(path)))
+        yield Document(name, "".join(text for _, text in _decoded_blocks(path)))
         return
     if text_unit == "line":
         for number, line in decoded_lines(path):
-            yield Document(f"{path}:{number}", line.rstrip("\r\n"))
+            yield Document(f"{name}:{number}", line.rstrip("\r\n"))
         return
-    yield from _paragraphs(path)
+    yield from _paragraphs(path, name)
 
 
 def _field_text(value: object, path: Path, where: str, field: str) -> str:
@@ -223,17 +237,17 @@ def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
         yield number, row
 
 
-def _read_jsonl(path: Path, field: str) -> Iterator[Document]:
+def _read_jsonl(path: Path, name: str, field: str) -> Iterator[Document]:
     for number, row in jsonl_rows(path):
         if field not in row:
             raise LmkilnError(
                 f"{path}:{number}: no field {field!r} (fields: {', '.join(row) or 'none'}); "
                 f"choose one with --data.field"
             )
-        yield Document(f"{path}:{number}", _field_text(row[field], path, str(number), field))
+        yield Document(f"{name}:{number}", _field_text(row[field], path, str(number), field))
 
 
-def _read_csv(path: Path, field: str) -> Iterator[Document]:
+def _read_csv(path: Path, name: str, field: str) -> Iterator[Document]:
     csv.field_size_limit(2**31 - 1)
     lines = (line for _, line in decoded_lines(path))
     reader = csv.DictReader(lines)
@@ -245,10 +259,10 @@ def _read_csv(path: Path, field: str) -> Iterator[Document]:
             f"choose one with --data.field"
         )
     for row in reader:
-        yield Document(f"{path}:{reader.line_num}", row[field] or "")
+        yield Document(f"{name}:{reader.line_num}", row[field] or "")
 
 
-def _read_parquet(path: Path, field: str) -> Iterator[Document]:
+def _read_parquet(path: Path, name: str, field: str) -> Iterator[Document]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -264,4 +278,4 @@ def _read_parquet(path: Path, field: str) -> Iterator[Document]:
         for value in batch.column(0).to_pylist():
             row += 1
             if value is not None:
-                yield Document(f"{path}:row{row}", _field_text(value, path, f"row {row}", field))
+                yield Document(f"{name}:row{row}", _field_text(value, path, f"row {row}", field))
