@@ -14,7 +14,7 @@ setup(
         Extension(
             "lmkiln.data._bpe",
             sources=["src/lmkiln/data/_bpe.c"],
-            depends=["src/lmkiln/data/_bpe_classes.h"],
+            depends=["src/lmkiln/data/_bpe_classes.h", "src/lmkiln/data/_bpe_maps.h"],
             extra_compile_args=[] if sys.platform == "win32" else ["-O3"],
             optional=True,
         )

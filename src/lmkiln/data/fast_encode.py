@@ -170,8 +170,9 @@ class NativeBPE:
             future.result()
         out = [ids for part in done for ids in part]
         missing = [i for i, ids in enumerate(out) if ids is None]
-        for i, ids in zip(missing, self.reference.encode_batch_reference([texts[i] for i in missing])):
-            out[i] = ids
+        if missing:
+            for i, ids in zip(missing, self.reference.encode_batch_reference([texts[i] for i in missing])):
+                out[i] = ids
         return out
 
 
