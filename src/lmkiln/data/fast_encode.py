@@ -291,12 +291,20 @@ def _byte_ids(spec: dict) -> list[int] | None:
     return None if None in ids else ids  # type: ignore[return-value]
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on (a container or taskset may allow fewer than the machine has)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
 def _byte_level_encoder(spec: dict, tokenizer: Tokenizer) -> FastEncoder | None:
     """The native encoder, else tiktoken (when the extension was not compiled), else None."""
     byte_ids = _byte_ids(spec)
     if byte_ids is None:
         return None
-    threads = max(1, os.cpu_count() or 1)
+    threads = _usable_cpus()
     try:
         return NativeBPE(spec, byte_ids, tokenizer, threads)
     except ImportError:
