@@ -138,3 +138,262 @@ def test_lookahead_cuts_mark_the_last_character_of_runs_before_text():
 
     texts = ["a  b", "  ", "x \n", "a \n\tb  c", "", "\u3000\u3000z", "a\x1c\x1cb", "end  "]
     assert [c.tolist() for c in lookahead_cuts(texts)] == [[2], [], [], [3, 6], [], [1], [], []]
+
+
+# -- the native encoder (lmkiln.data._bpe) -----------------------------------------------------
+
+try:
+    from lmkiln.data import _bpe
+except ImportError:  # the extension was not compiled (no C compiler when lmkiln was installed)
+    _bpe = None
+needs_native = pytest.mark.skipif(
+    _bpe is None,
+    reason="lmkiln.data._bpe is not compiled here (install with a C compiler, or run "
+    "`python setup.py build_ext --inplace`)",
+)
+
+
+def _native_encoder(tok: Tokenizer):
+    encoder = tok._fast.free.get()
+    tok._fast.free.put(encoder)  # single-threaded tests: borrowing it back is safe
+    return encoder
+
+
+@needs_native
+def test_native_encoder_is_the_byte_level_fast_path_and_matches_on_probe_variations():
+    assert _BPE.fast_path == "native"
+    texts = [PROBE_TEXT, PROBE_TEXT[::-1], PROBE_TEXT.upper(), PROBE_TEXT.lower(), " ".join(PROBE_TEXT)]
+    texts += [PROBE_TEXT * 3, PROBE_TEXT.replace(" ", "  "), PROBE_TEXT.replace("\n", " \n ")]
+    assert _BPE.encode_batch(texts) == _BPE.encode_batch_reference(texts)
+
+
+# Everything GPT-2's pattern distinguishes: each kind of white space, contractions (and their
+# upper-case and space-led look-alikes), letters, digits and punctuation in and outside ASCII,
+# combining marks, emoji with modifiers and joiners, control characters and NUL.
+PRETOKENIZER_ALPHABET = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2028\u2029\u202f\u3000\x1c"
+    "'''sdtmlvreSLVE"
+    "aZéßЖ日本한ⅫⅩ"
+    "0189٣৪½²"
+    '.,-_!?"#(\u2014\u201c'
+    "\u0301\u0302😀👍🏽\u200d\u200b\x00\x7f\ufeff"
+)
+
+
+@needs_native
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet=PRETOKENIZER_ALPHABET, max_size=60), min_size=1, max_size=8))
+def test_native_encoder_matches_the_reference_on_pretokenizer_edge_cases(texts):
+    assert _BPE.fast_path == "native"
+    assert _BPE.encode_batch(texts) == _BPE.encode_batch_reference(texts)
+
+
+def _reference_piece_offsets(text: str) -> list[tuple[int, int]]:
+    from tokenizers import pre_tokenizers
+
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    return [offsets for _, offsets in pre.pre_tokenize_str(text)]
+
+
+def _native_piece_offsets(text: str) -> list[tuple[int, int]]:
+    offsets, start = [], 0
+    for piece in _bpe.pretokenize(text):
+        offsets.append((start, start + len(piece)))
+        start += len(piece)
+    return offsets
+
+
+@needs_native
+@settings(max_examples=400, deadline=None)
+@given(
+    st.text(alphabet=PRETOKENIZER_ALPHABET, max_size=80)
+    | st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cn",)), max_size=40)
+)
+def test_native_pretokenizer_splits_exactly_where_tokenizers_does(text):
+    # Ids alone would miss a wrong split wherever the vocabulary has no merge across it.
+    pieces = _bpe.pretokenize(text)
+    if pieces is None:  # a character unassigned in the table's Unicode version
+        return
+    assert "".join(pieces) == text
+    assert _native_piece_offsets(text) == _reference_piece_offsets(text)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "text",
+    [
+        "'s 't 'm 'd 're 've 'll x's it'll ''s '''re",  # contractions, lower-case only
+        "'S 'T 'M 'D 'RE 'VE 'LL 'Re 'lL 'r 'v 'l",  # look-alikes that are no contraction
+        " 'x  'll ' s",  # a space before an apostrophe joins the punctuation run
+        "a  b   c\t\td \n\ne\u3000\u3000f \u3000g\u3000 h\xa0i",  # white-space runs before text
+        "end  ",
+        "x\u2028 \u2029y 1 2  3 !! ??",
+    ],
+)
+def test_native_pretokenizer_on_each_rule_of_the_pattern(text):
+    assert _native_piece_offsets(text) == _reference_piece_offsets(text)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "text",
+    ["a" * 100_000, "é" * 100_000, "😀" * 50_000, " " * 100_000, "1" * 100_000, "ab" * 50_000, "\x00" * 1000],
+)
+def test_native_encoder_on_long_pieces(text):
+    # Merging is O(n log n) in the piece length (a heap, as in tokenizers): 100k letters are
+    # one piece and take milliseconds.
+    assert _BPE.encode_batch([text, text[:5], text + "!"]) == _BPE.encode_batch_reference(
+        [text, text[:5], text + "!"]
+    )
+
+
+@needs_native
+def test_native_encoder_empties_and_refills_its_piece_cache():
+    import random
+
+    rng = random.Random(1)
+    # 80k distinct pieces of 2-60 bytes: past both the cache's entry limit (65,536) and its key
+    # bytes (1 MiB), several times over with the repeat
+    words = [" " + "".join(rng.choices("etaoinshrdlu", k=rng.randint(1, 59))) for _ in range(80_000)]
+    texts = ["".join(words[i : i + 100]) for i in range(0, len(words), 100)]
+    assert _BPE.encode_batch(texts + texts) == _BPE.encode_batch_reference(texts + texts)
+
+
+@needs_native
+def test_characters_of_unknown_class_and_lone_surrogates_go_to_the_reference():
+    encoder = _native_encoder(_BPE)
+    # U+0378, U+FFFF and U+10FFFF are unassigned in every Unicode version; a surrogate is no
+    # character at all. The extension declines them (None); the wrapper asks tokenizers.
+    unknown = ["Greek \u0378 gap", "nonchar \uffff", "\U0010ffff", "ok text"]
+    assert [ids is None for ids in encoder.encode_batch(unknown)] == [True, True, True, False]
+    assert _BPE.encode_batch(unknown) == _BPE.encode_batch_reference(unknown)
+    assert encoder.encode_batch(["lone \ud800 surrogate"]) == [None]
+    with pytest.raises(TypeError) as reference:
+        _BPE.encode_batch_reference(["lone \ud800 surrogate"])
+    with pytest.raises(TypeError) as ours:  # the same error tokenizers gives: no silent change
+        _BPE.encode_batch(["lone \ud800 surrogate"])
+    assert str(ours.value) == str(reference.value)
+    with pytest.raises(TypeError, match=r"texts\[1\] is int"):
+        encoder.encode_batch(["fine", 3])
+
+
+def _hand_made_bpe(merges: list[tuple[str, str]], vocab: dict[str, int], ignore_merges: bool = False):
+    """A byte-level BPE tokenizer from an explicit vocabulary (bytes as GPT-2's characters)."""
+    from tokenizers import AddedToken, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.add_special_tokens([AddedToken(EOS, special=True, normalized=False)])
+    return Tokenizer(hf)
+
+
+def _byte_vocab() -> dict[str, int]:
+    from lmkiln.data.fast_encode import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
+
+
+@needs_native
+def test_merges_follow_the_rank_of_the_merge_rule_not_the_id_of_the_merged_token():
+    vocab = {**_byte_vocab(), "bc": 256, "ab": 257}  # "bc" has the lower id...
+    tok = _hand_made_bpe([("a", "b"), ("b", "c")], vocab)  # ...but "a b" is the first merge
+    assert tok.fast_path == "native"
+    # tokenizers merges by rule rank: (ab)c; merging by token id (tiktoken's ranks) gives a(bc)
+    assert tok.encode_batch(["abc", "xabcab"]) == [[257, ord("c")], [ord("x"), 257, ord("c"), 257]]
+    assert tok.encode_batch(["abc", "xabcab"]) == tok.encode_batch_reference(["abc", "xabcab"])
+
+
+@needs_native
+def test_a_repeated_merge_rule_ranks_as_in_tokenizers():
+    vocab = {**_byte_vocab(), "ab": 256, "bc": 257}
+    tok = _hand_made_bpe([("a", "b"), ("b", "c"), ("a", "b")], vocab)  # "a b" ranks 2, after "b c"
+    assert tok.encode_batch(["abc"]) == [[ord("a"), 257]] == tok.encode_batch_reference(["abc"])
+
+
+@needs_native
+def test_ignore_merges_emits_a_piece_that_is_a_token_whole():
+    vocab = {**_byte_vocab(), "ab": 256, "abc": 257}  # no merge reaches "abc"
+    for ignore_merges, expected in ((False, [256, ord("c")]), (True, [257])):
+        tok = _hand_made_bpe([("a", "b")], vocab, ignore_merges=ignore_merges)
+        assert tok.fast_path == "native"
+        assert tok.encode_batch(["abc"]) == [expected] == tok.encode_batch_reference(["abc"])
+
+
+@needs_native
+def test_native_encoder_matches_on_random_merge_tables():
+    """Random rules in random rank order, ids shuffled, repeated pairs and two rules that build
+    the same token: the heap order, tie-breaking and stale-entry checks all match tokenizers."""
+    import random
+
+    rng = random.Random(0)
+    byte_vocab = _byte_vocab()
+    for _ in range(12):
+        tokens = ["a", "b", "c", "Ġ"]
+        merges: list[tuple[str, str]] = []
+        for _ in range(40):
+            left, right = rng.choice(tokens), rng.choice(tokens)
+            merges.append((left, right))
+            if left + right not in tokens:
+                tokens.append(left + right)
+        new = tokens[4:]
+        ids = rng.sample(range(256, 256 + len(new)), len(new))
+        tok = _hand_made_bpe(merges, {**byte_vocab, **dict(zip(new, ids))}, ignore_merges=rng.random() < 0.3)
+        assert tok.fast_path == "native"
+        texts = ["".join(rng.choice("aaabbc  ") for _ in range(rng.randint(0, 40))) for _ in range(50)]
+        assert tok.encode_batch(texts) == tok.encode_batch_reference(texts)
+
+
+def test_a_vocabulary_without_every_byte_has_no_fast_path():
+    vocab = _byte_vocab()
+    del vocab["é"]  # byte 0xE9: tokenizers silently drops it, which no fast encoder imitates
+    tok = _hand_made_bpe([], vocab)
+    assert tok.fast_path == "tokenizers"
+
+
+def test_without_the_extension_tiktoken_or_tokenizers_take_over(monkeypatch):
+    import sys
+
+    import lmkiln.data
+    from lmkiln.data.fast_encode import build_fast_encoder
+
+    monkeypatch.delattr(lmkiln.data, "_bpe", raising=False)
+    monkeypatch.setitem(sys.modules, "lmkiln.data._bpe", None)  # importing it raises ImportError
+    texts = PYDOC[:20] + [PROBE_TEXT]
+    try:
+        import tiktoken  # noqa: F401
+    except ImportError:
+        assert build_fast_encoder(_BPE) is None
+    else:
+        encoder = build_fast_encoder(_BPE)
+        assert encoder.name == "tiktoken"
+        assert encoder.encode_batch(texts) == _BPE.encode_batch_reference(texts)
+    monkeypatch.setitem(sys.modules, "tiktoken", None)
+    assert build_fast_encoder(_BPE) is None
+
+
+@needs_native
+def test_native_encoder_is_safe_from_several_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [PYDOC[i::4] for i in range(4)] * 2
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(_BPE.encode_batch, batches))
+    assert results == [_BPE.encode_batch_reference(b) for b in batches]
+
+
+@needs_native
+def test_character_class_table_agrees_with_tokenizers_and_unicodedata():
+    import unicodedata
+
+    from tokenizers import pre_tokenizers
+
+    from lmkiln.data._bpe_gen import UNKNOWN, python_class, reference_class
+
+    table = _bpe.char_classes()
+    pre_tokenize = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True).pre_tokenize_str
+    known = [c for c in range(0, 0x110000, 7) if table[c] != UNKNOWN]
+    assert len(known) > 20_000
+    assert all(table[c] == reference_class(c, pre_tokenize) for c in known)
+    if unicodedata.unidata_version == _bpe.UNICODE_VERSION:
+        assert all(table[c] == python_class(c) for c in known)

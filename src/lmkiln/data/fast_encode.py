@@ -1,9 +1,12 @@
 """Fast bulk encoders that reproduce `tokenizers`' ids exactly, 5-50x faster.
 
-- Byte-level BPE with GPT-2 pre-tokenization → a `tiktoken.Encoding` built from the same vocabulary
-  (ranks = ids). tiktoken merges by the rank of the merged token, `tokenizers` by the rank of the
-  merge rule; for vocabularies that BPE training produces these agree, and we never trust that
-  blindly: the encoder is checked on a probe text when built and on a sample of every batch.
+- Byte-level BPE with GPT-2 pre-tokenization → `NativeBPE`, lmkiln's C extension
+  (`lmkiln.data._bpe`, built at install when a C compiler is present): GPT-2's pattern as a
+  hand-written scanner and `tokenizers`' own merge order, on every core without the GIL. Without
+  the extension, a `tiktoken.Encoding` built from the same vocabulary (ranks = ids; the `fast`
+  extra). tiktoken merges by the rank of the merged token, `tokenizers` by the rank of the merge
+  rule; for vocabularies that BPE training produces these agree. Neither is trusted blindly: the
+  encoder is checked on a probe text when built and on a sample of every batch.
 - Character vocabularies with byte fallback → a numpy lookup table over code points; a text with
   a character outside the vocabulary goes through the reference encoder.
 
@@ -12,9 +15,12 @@ Anything else (normalizers, other pre-tokenizers, non-special added tokens) has 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+import queue
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
@@ -96,6 +102,78 @@ def lookahead_cuts(texts: list[str]) -> list[np.ndarray]:
     owner, local = owner[keep], local[keep]
     bounds = np.searchsorted(owner, np.arange(len(texts) + 1))
     return [local[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+class NativeBPE:
+    """Byte-level BPE through the C extension (`lmkiln.data._bpe`), on every core.
+
+    A batch is cut into contiguous runs of texts of about equal length, a few per thread; the
+    calling thread and `threads - 1` helpers each take an `Encoder` (its piece cache is not
+    thread-safe) and claim runs until none is left, so a thread that the OS deschedules holds up
+    only the run it is on. The extension releases the GIL while it encodes. Texts it cannot take
+    (a character of unknown Unicode class, a lone surrogate) come back as None and are encoded
+    by `tokenizers`.
+    """
+
+    name = "native"
+    CHUNK_CHARS = 1 << 15  # a batch below this is encoded on the calling thread alone
+    CHUNKS_PER_THREAD = 4
+
+    def __init__(self, spec: dict, byte_ids: list[int], reference: Tokenizer, threads: int) -> None:
+        from lmkiln.data import _bpe
+
+        model = spec["model"]
+        vocab = model["vocab"]
+        pairs: dict[tuple[int, int], tuple[int, int]] = {}
+        for rank, merge in enumerate(model.get("merges") or []):
+            left, right = merge.split(" ") if isinstance(merge, str) else merge
+            pairs[vocab[left], vocab[right]] = (rank, vocab[left + right])  # a later repeat wins
+        merges = [(a, b, rank, new) for (a, b), (rank, new) in pairs.items()]
+        whole = None
+        if model.get("ignore_merges"):  # a piece that is itself a token is emitted whole
+            byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+            whole = [
+                (bytes(byte_of[c] for c in token), token_id)
+                for token, token_id in vocab.items()
+                if all(c in byte_of for c in token)
+            ]
+        self.threads = threads
+        self.free: queue.SimpleQueue = queue.SimpleQueue()  # an Encoder serves one thread at a time
+        for _ in range(threads):
+            self.free.put(_bpe.Encoder(byte_ids, merges, whole))
+        self.reference = reference
+        self.pool: ThreadPoolExecutor | None = None
+
+    def encode_chunks(self, chunks: list[list[str]], done: list, claim: Iterator[int]) -> None:
+        encoder = self.free.get()
+        try:
+            for index in claim:  # next() on an itertools.count is atomic under the GIL
+                if index >= len(chunks):
+                    return
+                done[index] = encoder.encode_batch(chunks[index])
+        finally:
+            self.free.put(encoder)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        lengths = [len(t) for t in texts]
+        parts = min(self.threads * self.CHUNKS_PER_THREAD, sum(lengths) // self.CHUNK_CHARS)
+        bounds = _balanced_bounds(lengths, max(1, parts))
+        chunks = [texts[a:b] for a, b in zip(bounds, bounds[1:])]
+        done: list = [None] * len(chunks)
+        claim = itertools.count()
+        helpers = min(self.threads, len(chunks)) - 1
+        if helpers and self.pool is None:
+            self.pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="lmkiln-encode")
+        futures = [self.pool.submit(self.encode_chunks, chunks, done, claim) for _ in range(helpers)]
+        self.encode_chunks(chunks, done, claim)
+        for future in futures:
+            future.result()
+        out = [ids for part in done for ids in part]
+        missing = [i for i, ids in enumerate(out) if ids is None]
+        if missing:
+            for i, ids in zip(missing, self.reference.encode_batch_reference([texts[i] for i in missing])):
+                out[i] = ids
+        return out
 
 
 class TiktokenBPE:
@@ -203,6 +281,40 @@ def _is_char_table(spec: dict) -> bool:
     )
 
 
+def _byte_ids(spec: dict) -> list[int] | None:
+    """The id of each byte's single-character token, or None if the alphabet lacks a byte.
+
+    `tokenizers` silently drops a byte without a token; neither fast encoder imitates that.
+    """
+    vocab = spec["model"]["vocab"]
+    ids = [vocab.get(char) for _, char in sorted(bytes_to_unicode().items())]
+    return None if None in ids else ids  # type: ignore[return-value]
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (a container or taskset may allow fewer than the machine has)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def _byte_level_encoder(spec: dict, tokenizer: Tokenizer) -> FastEncoder | None:
+    """The native encoder, else tiktoken (when the extension was not compiled), else None."""
+    byte_ids = _byte_ids(spec)
+    if byte_ids is None:
+        return None
+    threads = _usable_cpus()
+    try:
+        return NativeBPE(spec, byte_ids, tokenizer, threads)
+    except ImportError:
+        log.debug("lmkiln.data._bpe is not compiled; trying tiktoken")
+    try:
+        return TiktokenBPE(spec, threads)
+    except ImportError:
+        return None
+
+
 def build_fast_encoder(tokenizer: Tokenizer) -> FastEncoder | None:
     """A verified fast encoder for this tokenizer, or None when none applies or it disagrees."""
     spec = json.loads(tokenizer.json)
@@ -210,10 +322,7 @@ def build_fast_encoder(tokenizer: Tokenizer) -> FastEncoder | None:
         return None  # non-special added tokens are matched inside raw text; only the reference does that
     encoder: FastEncoder | None = None
     if _is_gpt2_byte_level(spec):
-        try:
-            encoder = TiktokenBPE(spec, threads=max(1, os.cpu_count() or 1))
-        except ImportError:
-            return None
+        encoder = _byte_level_encoder(spec, tokenizer)
     elif _is_char_table(spec):
         encoder = CharTable(spec, tokenizer)
     if encoder is None:
