@@ -112,15 +112,14 @@ def test_empty_corpus_is_refused(tmp_path, tokenizer):
 
 
 def test_fast_path_mismatch_falls_back_to_reference(corpus, tokenizer, monkeypatch):
-    from lmkiln.data.tokenizer import Tokenizer
+    tok = train_bpe(iter([CORPUS]), vocab_size=400)
+    real = tok._fast.encode_flat
 
-    tok = (
-        Tokenizer.load_from_json(tokenizer.json)
-        if hasattr(Tokenizer, "load_from_json")
-        else train_bpe(iter([CORPUS]), vocab_size=400)
-    )
-    real = tok._fast.encode_batch
-    monkeypatch.setattr(tok._fast, "encode_batch", lambda texts: [ids[:-1] for ids in real(texts)])
+    def wrong_ids(texts):  # every id shifted by one: the sample check must catch it
+        ids, lengths = real(texts)
+        return (ids + 1) % 400, lengths
+
+    monkeypatch.setattr(tok._fast, "encode_flat", wrong_ids)
     shards = prepare_shards(DataConfig(corpus=str(corpus)), tok).shards
     assert shards.manifest["encoder"] == "tokenizers"
     reference = np.concatenate([np.concatenate(shards.arrays(s)) for s in ("train", "val")])

@@ -85,11 +85,19 @@ def test_round_trip_exact_on_arbitrary_unicode(text):
 def test_fast_encoders_give_identical_ids(texts):
     for tok in (_BPE, _CHAR):
         assert tok.fast_path != "tokenizers"
-        assert tok.encode_batch(texts) == tok.encode_batch_reference(texts)
+        reference = tok.encode_batch_reference(texts)
+        assert tok.encode_batch(texts) == reference
+        ids, lengths = tok.encode_flat(texts)  # the shards' path: one array, one length per text
+        assert ids.tolist() == [i for row in reference for i in row]
+        assert lengths.tolist() == [len(row) for row in reference]
 
 
 def test_fast_encoder_identical_on_a_whole_corpus(bpe):
-    assert bpe.encode_batch(PYDOC) == bpe.encode_batch_reference(PYDOC)
+    reference = bpe.encode_batch_reference(PYDOC)
+    assert bpe.encode_batch(PYDOC) == reference
+    ids, lengths = bpe.encode_flat(PYDOC)  # cut into runs over both threads, then joined
+    assert ids.tolist() == [i for row in reference for i in row]
+    assert lengths.tolist() == [len(row) for row in reference]
 
 
 def test_save_load_round_trip_keeps_ids_and_template(tmp_path, bpe):
@@ -266,7 +274,10 @@ def test_characters_of_unknown_class_and_lone_surrogates_go_to_the_reference():
     # character at all. The extension declines them (None); the wrapper asks tokenizers.
     unknown = ["Greek \u0378 gap", "nonchar \uffff", "\U0010ffff", "ok text"]
     assert [ids is None for ids in encoder.encode_batch(unknown)] == [True, True, True, False]
-    assert _BPE.encode_batch(unknown) == _BPE.encode_batch_reference(unknown)
+    reference = _BPE.encode_batch_reference(unknown)
+    assert _BPE.encode_batch(unknown) == reference
+    ids, lengths = _BPE.encode_flat(unknown)
+    assert (ids.tolist(), lengths.tolist()) == ([i for r in reference for i in r], [len(r) for r in reference])
     assert encoder.encode_batch(["lone \ud800 surrogate"]) == [None]
     with pytest.raises(TypeError) as reference:
         _BPE.encode_batch_reference(["lone \ud800 surrogate"])

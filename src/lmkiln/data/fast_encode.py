@@ -20,9 +20,10 @@ import json
 import logging
 import os
 import queue
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -61,10 +62,24 @@ class FastPathMismatch(RuntimeError):
     """The fast encoder disagreed with the reference on a sample; the caller must re-encode."""
 
 
-class FastEncoder(Protocol):
+FlatIds = tuple[np.ndarray, np.ndarray]
+"""(ids of every text one after another, each text's number of ids): a batch without a Python
+list per text, which is what writing shards needs."""
+
+
+def flatten(batch: list[list[int]]) -> FlatIds:
+    lengths = np.fromiter(map(len, batch), dtype=np.int64, count=len(batch))
+    return np.fromiter(itertools.chain.from_iterable(batch), dtype=np.int64), lengths
+
+
+class FastEncoder(ABC):
     name: str
 
+    @abstractmethod
     def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+    def encode_flat(self, texts: list[str]) -> FlatIds:
+        return flatten(self.encode_batch(texts))
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -104,7 +119,7 @@ def lookahead_cuts(texts: list[str]) -> list[np.ndarray]:
     return [local[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-class NativeBPE:
+class NativeBPE(FastEncoder):
     """Byte-level BPE through the C extension (`lmkiln.data._bpe`), on every core.
 
     A batch is cut into contiguous runs of texts of about equal length, a few per thread; the
@@ -144,17 +159,18 @@ class NativeBPE:
         self.reference = reference
         self.pool: ThreadPoolExecutor | None = None
 
-    def encode_chunks(self, chunks: list[list[str]], done: list, claim: Iterator[int]) -> None:
+    def encode_chunks(self, method: str, chunks: list[list[str]], done: list, claim: Iterator[int]) -> None:
         encoder = self.free.get()
         try:
             for index in claim:  # next() on an itertools.count is atomic under the GIL
                 if index >= len(chunks):
                     return
-                done[index] = encoder.encode_batch(chunks[index])
+                done[index] = getattr(encoder, method)(chunks[index])
         finally:
             self.free.put(encoder)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def run(self, method: str, texts: list[str]) -> list:
+        """`Encoder.<method>` over contiguous runs of `texts` on every thread; one result per run."""
         lengths = [len(t) for t in texts]
         parts = min(self.threads * self.CHUNKS_PER_THREAD, sum(lengths) // self.CHUNK_CHARS)
         bounds = _balanced_bounds(lengths, max(1, parts))
@@ -164,19 +180,31 @@ class NativeBPE:
         helpers = min(self.threads, len(chunks)) - 1
         if helpers and self.pool is None:
             self.pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="lmkiln-encode")
-        futures = [self.pool.submit(self.encode_chunks, chunks, done, claim) for _ in range(helpers)]
-        self.encode_chunks(chunks, done, claim)
+        futures = [self.pool.submit(self.encode_chunks, method, chunks, done, claim) for _ in range(helpers)]
+        self.encode_chunks(method, chunks, done, claim)
         for future in futures:
             future.result()
-        out = [ids for part in done for ids in part]
+        return done
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        out = [ids for part in self.run("encode_batch", texts) for ids in part]
         missing = [i for i, ids in enumerate(out) if ids is None]
         if missing:
             for i, ids in zip(missing, self.reference.encode_batch_reference([texts[i] for i in missing])):
                 out[i] = ids
         return out
 
+    def encode_flat(self, texts: list[str]) -> FlatIds:
+        runs = self.run("encode_flat", texts)
+        ends = [np.frombuffer(offsets, dtype=np.intp) for _, offsets in runs]
+        if any((e < 0).any() for e in ends):  # rare: a text for tokenizers; the list path splices it in
+            return flatten(self.encode_batch(texts))
+        ids = np.concatenate([np.frombuffer(run_ids, dtype=np.uint32) for run_ids, _ in runs])
+        lengths = np.concatenate([np.diff(e, prepend=0) for e in ends]).astype(np.int64, copy=False)
+        return ids, lengths
 
-class TiktokenBPE:
+
+class TiktokenBPE(FastEncoder):
     name = "tiktoken"
 
     def __init__(self, spec: dict, threads: int) -> None:
@@ -231,7 +259,7 @@ def _balanced_bounds(lengths: list[int], parts: int) -> list[int]:
     return bounds
 
 
-class CharTable:
+class CharTable(FastEncoder):
     name = "char-table"
 
     def __init__(self, spec: dict, reference: Tokenizer) -> None:
@@ -336,21 +364,25 @@ def build_fast_encoder(tokenizer: Tokenizer) -> FastEncoder | None:
     return encoder
 
 
-def verified_encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+def verified_encode_flat(tokenizer: Tokenizer, texts: list[str]) -> FlatIds:
     """Fast-path ids for a batch, with a slice of the batch re-encoded by the reference and compared.
 
     Raises FastPathMismatch (and turns the fast path off for this tokenizer) on any difference, so
     the caller can redo its work with the reference encoder.
     """
-    ids = tokenizer.encode_batch(texts)
+    ids, lengths = tokenizer.encode_flat(texts)
     if tokenizer.fast_path != "tokenizers" and texts:
+        starts = np.cumsum(lengths) - lengths
         longest = max(range(len(texts)), key=lambda i: len(texts[i]))
         for index in {0, longest}:
             sample = texts[index][:VERIFY_CHARS]
-            fast = ids[index] if len(texts[index]) <= VERIFY_CHARS else tokenizer.encode_batch([sample])[0]
+            if len(texts[index]) <= VERIFY_CHARS:
+                fast = ids[starts[index] : starts[index] + lengths[index]].tolist()
+            else:
+                fast = tokenizer.encode_batch([sample])[0]
             if fast != tokenizer.encode_batch_reference([sample])[0]:
                 tokenizer.disable_fast_path()
                 raise FastPathMismatch(
                     f"fast encoder disagreed with tokenizers on document {index} of a batch"
                 )
-    return ids
+    return ids, lengths

@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
@@ -30,7 +30,7 @@ import numpy as np
 
 from lmkiln.config import DataConfig
 from lmkiln.data.corpus import Document, iter_documents, source_fingerprints
-from lmkiln.data.fast_encode import FastPathMismatch, verified_encode_batch
+from lmkiln.data.fast_encode import FastPathMismatch, FlatIds, verified_encode_flat
 from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.errors import LmkilnError
 
@@ -84,8 +84,20 @@ def shard_key(data: DataConfig, tokenizer: Tokenizer) -> tuple[str, list]:
 
 def is_validation(key: str, seed: int, fraction: float) -> bool:
     """Seeded, order-independent document split: hash(seed, document key) < fraction."""
-    digest = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < fraction
+    return bool(held_out([key], seed, fraction)[0])
+
+
+def held_out(keys: Iterable[str], seed: int, fraction: float) -> np.ndarray:
+    """`is_validation` of many keys at once, as a bool array (a corpus can have millions)."""
+    prefix, blake2b = f"{seed}\0".encode(), hashlib.blake2b
+    return np.fromiter(
+        (
+            int.from_bytes(blake2b(prefix + key.encode(), digest_size=8).digest(), "little") / 2**64
+            < fraction
+            for key in keys
+        ),
+        dtype=bool,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,16 +214,6 @@ def _batches(documents: Iterator[Document]) -> Iterator[list[Document]]:
         yield batch
 
 
-def _flatten(ids: list[list[int]], eos: int) -> np.ndarray:
-    """Every document's ids followed by EOS, as one array (list.extend runs at C speed)."""
-    flat: list[int] = []
-    extend, append = flat.extend, flat.append
-    for doc_ids in ids:
-        extend(doc_ids)
-        append(eos)
-    return np.fromiter(flat, dtype=np.int64, count=len(flat))
-
-
 def _write_documents(
     data: DataConfig,
     tokenizer: Tokenizer,
@@ -225,11 +227,10 @@ def _write_documents(
         pending = None
         for batch in chain(_batches(documents), [None]):
             if batch is not None:
-                future = pool.submit(verified_encode_batch, tokenizer, [d.text for d in batch])
+                future = pool.submit(verified_encode_flat, tokenizer, [d.text for d in batch])
             if pending is not None:
                 done_batch, done_future = pending
-                ids = done_future.result()
-                done_bytes = _route(done_batch, ids, data, tokenizer.eos_id, limit, writers)
+                done_bytes = _route(done_batch, done_future.result(), data, tokenizer.eos_id, limit, writers)
                 if progress:
                     progress(done_bytes)
             pending = (batch, future) if batch is not None else None
@@ -237,36 +238,34 @@ def _write_documents(
 
 def _route(
     batch: list[Document],
-    ids: list[list[int]],
+    encoded: FlatIds,
     data: DataConfig,
     eos: int,
     limit: int,
     writers: dict[str, _SplitWriter],
 ) -> int:
-    """Write a batch's ids to the split of each document; returns the batch's UTF-8 bytes."""
-    by_split: dict[str, list[int]] = {"train": [], "val": []}
-    total = 0
-    for index, doc in enumerate(batch):
-        split = (
-            "val"
-            if data.split == "document" and is_validation(doc.key, data.seed, data.val_fraction)
-            else "train"
+    """Write a batch's ids, each document's followed by EOS, to its split; returns its UTF-8 bytes."""
+    ids, lengths = encoded
+    if ids.size and int(ids.max()) >= limit:
+        raise LmkilnError(
+            f"token id {int(ids.max())} is outside the vocabulary ({limit} tokens); "
+            f"the tokenizer file is inconsistent"
         )
-        by_split[split].append(index)
-        size = utf8_length(doc.text)
+    stream = np.insert(ids, np.cumsum(lengths), eos)  # (tokens + documents,): EOS after each document
+    validation = np.zeros(len(batch), dtype=bool)
+    if data.split == "document":
+        validation = held_out((doc.key for doc in batch), data.seed, data.val_fraction)
+    in_validation = np.repeat(validation, lengths + 1)  # (tokens + documents,)
+    total = utf8_length("".join(doc.text for doc in batch))
+    held = utf8_length("".join(batch[i].text for i in np.flatnonzero(validation)))
+    for split, documents, size, tokens in (
+        ("train", len(batch) - int(validation.sum()), total - held, stream[~in_validation]),
+        ("val", int(validation.sum()), held, stream[in_validation]),
+    ):
         writers[split].bytes += size
-        writers[split].documents += 1
-        total += size
-    for split, indices in by_split.items():
-        if not indices:
-            continue
-        tokens = _flatten([ids[i] for i in indices], eos)
-        if tokens.size and int(tokens.max()) >= limit:
-            raise LmkilnError(
-                f"token id {int(tokens.max())} is outside the vocabulary ({limit} tokens); "
-                f"the tokenizer file is inconsistent"
-            )
-        writers[split].write(tokens)
+        writers[split].documents += documents
+        if tokens.size:
+            writers[split].write(tokens)
     return total
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from lmkiln.data.fast_encode import FlatIds, build_fast_encoder, flatten
 from lmkiln.errors import LmkilnError
 
 EOS = "<|endoftext|>"
@@ -64,8 +65,6 @@ class Tokenizer:
         self.fingerprint = hashlib.sha256(self.json.encode()).hexdigest()
         self._fast = None
         if fast:
-            from lmkiln.data.fast_encode import build_fast_encoder
-
             self._fast = build_fast_encoder(self)
 
     # -- ids -----------------------------------------------------------------------------------
@@ -106,6 +105,12 @@ class Tokenizer:
         if self._fast is not None:
             return self._fast.encode_batch(texts)
         return self.encode_batch_reference(texts)
+
+    def encode_flat(self, texts: list[str]) -> FlatIds:
+        """`encode_batch` as one array of ids and one of lengths (no Python list per text)."""
+        if self._fast is not None:
+            return self._fast.encode_flat(texts)
+        return flatten(self.encode_batch_reference(texts))
 
     def encode_batch_reference(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._ordinary.encode_batch(texts, add_special_tokens=False)]
