@@ -70,6 +70,8 @@ SHAPES: dict[str, Shape] = {
     "10m": Shape("10m", 6, 6, 384, 256, 8, 65),
     # a BPE-vocabulary model between 25 and 50M parameters
     "30m": Shape("30m", 8, 8, 512, 256, 8, 8192),
+    # the 10m shape with GPT-2's vocabulary: the logits dominate memory (memory section)
+    "10m-v50k": Shape("10m-v50k", 6, 6, 384, 256, 8, 50257),
 }
 
 GPU_SHAPES: dict[str, Shape] = {

@@ -121,3 +121,46 @@ def test_qkv_bias_and_explicit_head_size_shape_the_attention():
     assert attn.wqkv.bias is not None and attn.wo.bias is None
     assert attn.wqkv.weight.shape == ((4 + 2 * 2) * 24, 64) and attn.wo.weight.shape == (64, 4 * 24)
     assert m(torch.randint(0, 97, (1, 5))).shape == (1, 5, 97)
+
+
+@pytest.mark.parametrize(
+    "style,label_smoothing,frozen",
+    [
+        ("llama-gqa", 0.0, ""),  # tied head: the embedding gets gradients from both ends
+        ("gpt2", 0.1, ""),  # untied head, label smoothing
+        ("llama-mha-untied", 0.0, "lm_head"),  # a frozen head (only the hidden states get gradients)
+        ("llama-mha-untied", 0.1, "blocks"),  # frozen blocks (the head and embeddings still train)
+    ],
+)
+def test_loss_in_chunks_equals_the_loss_of_all_logits(style, label_smoothing, frozen, monkeypatch):
+    from lmkiln.model import loss as loss_module
+
+    m = model(**STYLES[style]).train()
+    for name, p in m.named_parameters():
+        p.requires_grad_(not (frozen and name.startswith(frozen)))
+    x = torch.randint(0, 97, (3, 20))
+    targets = torch.randint(0, 97, (3, 20))
+    targets[0, :5] = -100  # IGNORE_INDEX: no loss, no gradient
+    full = torch.nn.functional.cross_entropy(
+        m(x).flatten(0, 1), targets.flatten(), reduction="sum", label_smoothing=label_smoothing
+    )
+    full.backward()
+    expected = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    m.zero_grad()
+    monkeypatch.setattr(loss_module, "CHUNK_LOGITS", 97 * 7)  # 60 rows → 9 chunks of ≤ 7 rows
+    monkeypatch.setattr(loss_module, "CHUNK_ABOVE", 97 * 7)
+    calls = []
+    hook = m.lm_head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    chunked = m(x, targets=targets, label_smoothing=label_smoothing)
+    hook.remove()
+    assert calls == [7] * 8 + [4]  # the head really ran chunk by chunk
+    (chunked * 0.5).backward()  # the step scales the sum (by 1 / number of targets)
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-4)
+    for name, p in m.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, expected[name] * 0.5, rtol=1e-4, atol=1e-6, msg=name)
+        else:
+            assert p.grad is None, name
+    with torch.no_grad():  # evaluation: chunks, no gradients
+        evaluated = m(x, targets=targets, label_smoothing=label_smoothing)
+        torch.testing.assert_close(evaluated, full.detach(), rtol=1e-5, atol=1e-4)

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmkiln.config import ModelConfig
 from lmkiln.model.kernels import Linear
+from lmkiln.model.loss import lm_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -275,8 +276,25 @@ class Transformer(nn.Module):
             cache.length += T
         return self.norm_f(x)
 
-    def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(input_ids, **kwargs))  # (B, T, V)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        targets: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Logits (B, T, V); given `targets` (B, T), the summed cross-entropy of the logits instead.
+
+        With targets the logits are never all held at once (`lm_cross_entropy` chunks large
+        vocabularies), which is why the loss is computed here and not by the caller.
+        """
+        hidden = self.hidden_states(input_ids, **kwargs)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(hidden)
+        return lm_cross_entropy(
+            self.lm_head, hidden.flatten(0, 1), targets.flatten(), self.cfg.vocab_size, label_smoothing
+        )
 
 
 def build_mask(

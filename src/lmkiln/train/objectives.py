@@ -45,14 +45,12 @@ class LanguageModelLoss:
         return (batch["labels"] != IGNORE_INDEX).sum()
 
     def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        # lmkiln's Transformer computes the loss itself (see `lmkiln.model.loss`: large
+        # vocabularies never hold every logit); through its forward, so DDP/FSDP/compile wrappers
+        # see an ordinary call.
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        logits = model(batch["input_ids"], **inputs)  # (B, T, V)
-        return F.cross_entropy(
-            upcast(logits.flatten(0, 1)),
-            batch["labels"].flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-            label_smoothing=self.label_smoothing,
+        return model(
+            batch["input_ids"], targets=batch["labels"], label_smoothing=self.label_smoothing, **inputs
         )
 
 
