@@ -277,7 +277,10 @@ def test_characters_of_unknown_class_and_lone_surrogates_go_to_the_reference():
     reference = _BPE.encode_batch_reference(unknown)
     assert _BPE.encode_batch(unknown) == reference
     ids, lengths = _BPE.encode_flat(unknown)
-    assert (ids.tolist(), lengths.tolist()) == ([i for r in reference for i in r], [len(r) for r in reference])
+    assert (ids.tolist(), lengths.tolist()) == (
+        [i for r in reference for i in r],
+        [len(r) for r in reference],
+    )
     assert encoder.encode_batch(["lone \ud800 surrogate"]) == [None]
     with pytest.raises(TypeError) as reference:
         _BPE.encode_batch_reference(["lone \ud800 surrogate"])
