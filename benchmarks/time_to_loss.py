@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import load_average, ratio
@@ -65,14 +66,26 @@ class EvalClock:
 
 
 class HFLogits(nn.Module):
-    """A GPT2LMHeadModel seen as lmkiln sees a model: forward(input_ids) → logits."""
+    """A GPT2LMHeadModel seen as lmkiln sees a model: forward(input_ids) → logits, or with
+    targets the summed cross-entropy (what `LanguageModelLoss` asks of a model)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, **_) -> torch.Tensor:
-        return self.model(input_ids=input_ids).logits
+    def forward(
+        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, label_smoothing: float = 0.0, **_
+    ) -> torch.Tensor:
+        logits = self.model(input_ids=input_ids).logits  # (B, T, V)
+        if targets is None:
+            return logits
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            targets.flatten(),
+            ignore_index=-100,
+            reduction="sum",
+            label_smoothing=label_smoothing,
+        )
 
 
 def lmkiln_config(

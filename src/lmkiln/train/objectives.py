@@ -37,7 +37,11 @@ class Objective(Protocol):
 
 @dataclass
 class LanguageModelLoss:
-    """Next-token cross-entropy over every label that is not IGNORE_INDEX."""
+    """Next-token cross-entropy over every label that is not IGNORE_INDEX.
+
+    The model computes it: `model(input_ids, targets=labels, label_smoothing=..., **inputs)` returns
+    the summed loss, as lmkiln's Transformer does (and nanoGPT's GPT).
+    """
 
     label_smoothing: float = 0.0
 
