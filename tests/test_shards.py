@@ -124,3 +124,22 @@ def test_fast_path_mismatch_falls_back_to_reference(corpus, tokenizer, monkeypat
     assert shards.manifest["encoder"] == "tokenizers"
     reference = np.concatenate([np.concatenate(shards.arrays(s)) for s in ("train", "val")])
     assert reference.size == sum(len(tokenizer.encode(d.text)) + 1 for d in iter_documents(str(corpus)))
+
+
+def test_validation_split_is_blake2b_of_seed_and_key():
+    # The split decides which documents a cached shard set holds out: changing it silently would
+    # change every run's validation set. It is this formula, whatever the implementation.
+    import hashlib
+
+    from lmkiln.data.shards import held_out, is_validation
+
+    keys = [f"corpus/part-{i}.txt:{3 * i + 1}" for i in range(500)] + ["", "é 日本"]
+    for seed, fraction in ((0, 0.5), (1337, 0.1)):
+        expected = [
+            int.from_bytes(hashlib.blake2b(f"{seed}\0{k}".encode(), digest_size=8).digest(), "little") / 2**64
+            < fraction
+            for k in keys
+        ]
+        assert held_out(keys, seed, fraction).tolist() == expected
+        assert [is_validation(k, seed, fraction) for k in keys[:20]] == expected[:20]
+        assert 0 < sum(expected) < len(keys)
