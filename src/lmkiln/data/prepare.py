@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lmkiln.config import Config, DataConfig, TokenizerConfig
 from lmkiln.data.corpus import iter_documents, source_fingerprints
-from lmkiln.data.shards import cache_root, is_shard_set, is_validation
+from lmkiln.data.shards import cache_root, is_shard_set, validation_split
 from lmkiln.data.tokenizer import Tokenizer, bytes_per_token, train_bpe, train_char
 from lmkiln.errors import LmkilnError
 
@@ -33,8 +33,9 @@ class TokenizerReport:
 
 def training_texts(data: DataConfig):
     """Documents the tokenizer learns from: the training split only, so compression is honest."""
+    held = validation_split(data.seed, data.val_fraction)
     for doc in iter_documents(data.corpus, data.field, data.text_unit):
-        if data.split != "document" or not is_validation(doc.key, data.seed, data.val_fraction):
+        if data.split != "document" or not held(doc.key):
             yield doc.text
 
 
@@ -42,9 +43,8 @@ def held_out_texts(data: DataConfig, max_bytes: int = HELD_OUT_BYTES) -> list[st
     """Up to max_bytes of validation documents (or of the corpus tail's documents for split=tail)."""
     texts, size = [], 0
     docs = iter_documents(data.corpus, data.field, data.text_unit)
-    picked = [
-        d for d in docs if data.split == "document" and is_validation(d.key, data.seed, data.val_fraction)
-    ]
+    held = validation_split(data.seed, data.val_fraction)
+    picked = [d for d in docs if data.split == "document" and held(d.key)]
     if not picked:  # tail split, or no validation document: the last documents stand in
         picked = list(iter_documents(data.corpus, data.field, data.text_unit))[-8:]
     for doc in picked:

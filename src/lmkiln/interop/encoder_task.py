@@ -20,7 +20,7 @@ from torch import nn
 
 from lmkiln.config import Config
 from lmkiln.data.loader import IGNORE_INDEX, epoch_stream
-from lmkiln.data.shards import is_validation
+from lmkiln.data.shards import held_out
 from lmkiln.errors import LmkilnError
 from lmkiln.interop.encoders import (
     ClassificationLoss,
@@ -67,7 +67,7 @@ def read_examples(cfg: Config) -> tuple[Examples, Examples, list[str]]:
         train_rows, val_rows = rows, read_jsonl(e.val_data, fields)
     else:
         name = Path(e.data).name
-        held = [is_validation(f"{name}:{r['_line']}", cfg.data.seed, e.val_fraction) for r in rows]
+        held = held_out((f"{name}:{r['_line']}" for r in rows), cfg.data.seed, e.val_fraction)
         train_rows = [r for r, h in zip(rows, held) if not h]
         val_rows = [r for r, h in zip(rows, held) if h]
     if not train_rows:

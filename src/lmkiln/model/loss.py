@@ -26,11 +26,14 @@ CHUNK_ABOVE = 1 << 26
 """A batch with more logits than this (256 MB in fp32) is computed in chunks."""
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Losses are computed in at least fp32 (bf16 logits lose too much in the softmax)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _summed_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    if logits.dtype not in (torch.float32, torch.float64):
-        logits = logits.float()  # bf16 logits lose too much in the softmax
     return F.cross_entropy(
-        logits, targets, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing
+        upcast(logits), targets, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing
     )
 
 

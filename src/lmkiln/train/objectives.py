@@ -17,14 +17,10 @@ from torch import nn
 
 from lmkiln.data.loader import IGNORE_INDEX
 from lmkiln.errors import LmkilnError
+from lmkiln.model.loss import upcast
 
 Batch = dict[str, torch.Tensor]
 MODEL_INPUTS = ("doc_ids", "position_ids", "attention_mask")
-
-
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """Losses are computed in at least fp32 (bf16 logits lose too much in the softmax)."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 class Objective(Protocol):
