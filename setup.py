@@ -1,8 +1,12 @@
-"""Builds lmkiln's optional native BPE encoder; everything else is configured in pyproject.toml.
+"""Builds lmkiln's optional C extensions; everything else is configured in pyproject.toml.
 
-`optional=True`: without a C compiler (or Python headers) the install still succeeds and lmkiln
-encodes with tiktoken (the `fast` extra) or `tokenizers` instead. For a checkout used without
-installing: `python setup.py build_ext --inplace`.
+- `lmkiln.data._bpe`, the native BPE encoder;
+- `lmkiln.model._decode`, the matrix-vector kernel for generating tokens on CPUs (POSIX threads, so
+  not on Windows).
+
+`optional=True`: without a C compiler (or Python headers) the install still succeeds; lmkiln then
+encodes with tiktoken (the `fast` extra) or `tokenizers`, and decodes with torch's GEMMs. For a
+checkout used without installing: `python setup.py build_ext --inplace`.
 """
 
 import sys
@@ -17,6 +21,19 @@ setup(
             depends=["src/lmkiln/data/_bpe_classes.h", "src/lmkiln/data/_bpe_maps.h"],
             extra_compile_args=[] if sys.platform == "win32" else ["-O3"],
             optional=True,
-        )
+        ),
     ]
+    + (
+        []
+        if sys.platform == "win32"
+        else [
+            Extension(
+                "lmkiln.model._decode",
+                sources=["src/lmkiln/model/_decode.c"],
+                extra_compile_args=["-O3"],
+                extra_link_args=["-pthread", "-lm"],
+                optional=True,
+            )
+        ]
+    )
 )

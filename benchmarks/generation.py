@@ -6,7 +6,8 @@ the same weights on both sides. Each side greedily generates `new_tokens` tokens
 prompts at batch 1 and batch 8 (EOS does not stop either, so both produce exactly the same
 number of tokens); tokens/s counts generated tokens over the whole call, prefill included, after
 one untimed warm-up call each (oneDNN and MKL pick their kernels on first use). The
-generated ids are compared as a sanity check (greedy decoding of the same weights).
+generated ids are compared as a sanity check (greedy decoding of the same weights). A third row
+runs lmkiln with its decode kernels (`lmkiln.model._decode`) hidden, to show what they add.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -21,6 +23,19 @@ from benchmarks.common import SHAPES, load_average, median, ratio, spread
 
 log = logging.getLogger("lmkiln.bench")
 PROMPT_TOKENS = 16
+TORCH_KERNELS = "lmkiln, torch kernels"
+"""The same generate_ids without lmkiln's decode kernels (`lmkiln.model._decode`): what they are worth."""
+
+
+@contextmanager
+def without_decode_kernel():
+    from lmkiln.model import decode
+
+    saved, decode._decode = decode._decode, None
+    try:
+        yield
+    finally:
+        decode._decode = saved
 
 
 def build(corpus: str) -> tuple:
@@ -65,7 +80,7 @@ def measure(corpus: str, new_tokens: int, rounds: int) -> dict:
     for batch in (1, 8):
         rows = prompts[:batch]
         ids = torch.tensor(rows)
-        times: dict[str, list[float]] = {"lmkiln": [], "transformers": []}
+        times: dict[str, list[float]] = {"lmkiln": [], TORCH_KERNELS: [], "transformers": []}
         ours = theirs = None
         generate_ids(model, rows, Sampling(max_new_tokens=4, temperature=0.0), eos_id=None)  # warm-up
         with torch.no_grad():
@@ -74,6 +89,10 @@ def measure(corpus: str, new_tokens: int, rounds: int) -> dict:
             start = time.perf_counter()
             ours = generate_ids(model, rows, sampling, eos_id=None, pad_id=tok.pad_id)
             times["lmkiln"].append(time.perf_counter() - start)
+            with without_decode_kernel():
+                start = time.perf_counter()
+                generate_ids(model, rows, sampling, eos_id=None, pad_id=tok.pad_id)
+                times[TORCH_KERNELS].append(time.perf_counter() - start)
             start = time.perf_counter()
             with torch.no_grad():
                 out = hf.generate(
@@ -100,6 +119,9 @@ def measure(corpus: str, new_tokens: int, rounds: int) -> dict:
             "rows": table,
             "speedup_vs_transformers": round(
                 ratio(table["lmkiln"]["tokens_per_s"], table["transformers"]["tokens_per_s"]), 3
+            ),
+            "decode_kernels_speedup": round(
+                ratio(table["lmkiln"]["tokens_per_s"], table[TORCH_KERNELS]["tokens_per_s"]), 3
             ),
             "greedy_ids_identical": ours == theirs,
             "first_difference": _first_difference(ours, theirs),

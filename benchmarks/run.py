@@ -284,7 +284,8 @@ def table(results: dict) -> str:
             lines.append(
                 f"  {batch:8} lmkiln {rows['lmkiln']['tokens_per_s']:8.0f} tok/s   transformers "
                 f"{rows['transformers']['tokens_per_s']:8.0f} tok/s   {gen[batch]['speedup_vs_transformers']:.2f}x   "
-                f"ids identical: {gen[batch]['greedy_ids_identical']}"
+                f"ids identical: {gen[batch]['greedy_ids_identical']}   "
+                f"(without lmkiln's decode kernels: {rows['lmkiln, torch kernels']['tokens_per_s']:.0f} tok/s)"
             )
     mem = results.get("memory")
     for section in (mem, (mem or {}).get("large_vocabulary")):

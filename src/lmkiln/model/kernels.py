@@ -12,6 +12,9 @@ The choice is process-wide, like torch's own backend flags: `set_cpu_matmul("aut
 "default")`, called by `Runtime.start` with `train.cpu_matmul`. "auto" takes oneDNN on CPUs with
 AVX-512 — a fixed rule rather than a timing, so that a resumed run computes exactly what the
 uninterrupted run computed.
+
+Generating a token per row is another regime: inside `decode.decoding()` GEMMs of a few rows go
+to `decode.gemm` instead (lmkiln's matrix-vector kernel).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lmkiln.model import decode
 
 CPU_MATMUL_CHOICES = ("auto", "onednn", "default")
 MIN_ROWS = 1
@@ -119,7 +124,10 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, through oneDNN for CPU fp32 when `use_onednn()` and the GEMM is large enough."""
+    """`F.linear`, through oneDNN for CPU fp32 when `use_onednn()` and the GEMM is large enough,
+    or through `decode.gemm` for the few rows of a generation step inside `decode.decoding()`."""
+    if decode.threads and decode.gemm_eligible(x, weight, bias):
+        return decode.gemm(x, weight, bias)
     if not _eligible(x, weight):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):

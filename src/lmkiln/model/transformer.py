@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmkiln.config import ModelConfig
+from lmkiln.model import decode
 from lmkiln.model.kernels import Linear
 from lmkiln.model.loss import lm_cross_entropy
 
@@ -131,7 +132,15 @@ class Attention(nn.Module):
         layer: int,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split(
+        qkv = self.wqkv(x)
+        if cache is not None and decode.attention_eligible(
+            qkv, cache.keys[layer], cache.values[layer], cache.length, mask
+        ):  # one token per row, inside decode.decoding(): one fused C call instead of ~25 torch ops
+            y = decode.attention(
+                qkv, cache.keys[layer], cache.values[layer], cache.length, self.n_head, rope, mask
+            )
+            return self.wo(y)
+        q, k, v = qkv.split(
             [self.n_head * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1
         )
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
