@@ -154,10 +154,11 @@ def _reference_step(qkv, keys, values, start, n_head, rope, mask):
         (8, 2, 2, 10, 5, False, "padding"),  # D not a multiple of the vector width
     ],
 )
+@pytest.mark.parametrize("threads", [1, 2])
 def test_fused_attention_equals_torch_and_fills_the_cache(
-    B, n_head, n_kv, D, start, use_rope, masking, decode_threads
+    B, n_head, n_kv, D, start, use_rope, masking, threads, decode_threads
 ):
-    decode_threads(1)
+    decode_threads(threads)
     g = torch.Generator().manual_seed(B * 100 + start)
     capacity = start + 4
     keys, values = torch.randn(2, B, n_kv, capacity, D, generator=g)

@@ -1,43 +1,50 @@
 /*
- * y = x @ w.T + bias for a few rows of x (generating a token per row): lmkiln's decode GEMV.
+ * lmkiln's decode kernels: one generated token per row, on CPUs, in fp32.
  *
- * At one token per step a GEMM is a matrix-vector product: every weight is read once from memory
- * for two FLOPs, so its speed is the memory bandwidth. On the 2-core development VM oneDNN's
- * M=1 path streamed 24-35 GB/s and MKL's 16 GB/s; this loop streams 47-70 GB/s on the same
- * shapes (README, "Performance"). It is deliberately simple:
- *   - each thread takes a contiguous block of output features (rows of w) and walks the rows in
- *     memory order, so the hardware prefetcher sees one stream per thread;
+ *   linear     y = x @ w.T + bias for a few rows of x (a GEMV per row);
+ *   attention  one layer's attention step: RoPE, the new key and value written into the KV cache,
+ *              softmax(q k^T / sqrt(D)) v over the cache, masked for padding or a sliding window.
+ *
+ * At one token per step a GEMM reads every weight once for two FLOPs, so its speed is the memory
+ * bandwidth. On the 2-core development VM oneDNN's M=1 path streamed 24-35 GB/s and MKL's 16;
+ * this GEMV streams 47-70 GB/s on the same shapes (README, "Performance"). It is simple:
+ *   - each thread takes a contiguous block of output features (rows of w) and walks it in memory
+ *     order, so the hardware prefetcher sees one stream per thread;
  *   - a row is multiplied with every input row while it is in L1 (w is read exactly once);
  *   - rows a few ahead are prefetched with the non-temporal hint, so the stream disturbs the
  *     caches less;
  *   - four independent accumulators hide the FMA latency; GCC vector extensions compile to
  *     AVX-512, AVX2 or SSE (target_clones picks at load time on x86) and to NEON on ARM.
- * Results differ from torch's by summation order only (~1e-6 relative).
+ * The attention step replaces ~25 small torch ops per layer (split, transposes, cache writes and
+ * slices, SDPA), whose dispatch cost more than their arithmetic; its threads take (row, K/V head)
+ * pairs. Results differ from torch's by summation order only (~1e-6 relative).
  *
  * Threads: the caller plus a pool of workers made on first use. A worker spins briefly after each
- * job (the next GEMV of a decode step comes within microseconds), then sleeps on a condition
+ * job (the next call of a decode step comes within microseconds), then sleeps on a condition
  * variable. The pool assumes it has the cores to itself: lmkiln sets torch to one thread while it
- * decodes (kernels.decoding), since torch's OpenMP workers also spin between parallel regions and
+ * decodes (decode.decoding), since torch's OpenMP workers also spin between parallel regions and
  * two spinning pools on the same cores starve each other. Calls are serialized by a mutex, and a
  * forked child starts with no workers (pthread_atfork), making its own on first use.
  *
- * The Python side (kernels.py) passes data pointers and checks dtype, device, contiguity and shapes
- * before calling; this module trusts them.
+ * The Python side (decode.py) checks dtype, device, contiguity and shapes and passes data
+ * pointers; this module trusts them.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
-#include <math.h>
 #include <string.h>
 #include <unistd.h>
 
 #define MAX_THREADS 64
-#define PREFETCH_ROWS 4 /* rows of w prefetched ahead of the one being multiplied */
+#define PREFETCH_ROWS 4    /* rows of w prefetched ahead of the one being multiplied */
 #define SPIN_ROUNDS 100000 /* a worker's busy-wait for the next job before it sleeps (~ms) */
 
 typedef float vec __attribute__((vector_size(64), aligned(4))); /* 16 floats, unaligned loads */
+typedef float half_vec __attribute__((vector_size(32)));
+typedef float quarter_vec __attribute__((vector_size(16)));
 #define LANES 16
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -46,50 +53,31 @@ typedef float vec __attribute__((vector_size(64), aligned(4))); /* 16 floats, un
 #define CLONES
 #endif
 
-CLONES
-static void gemv_rows(const float *w, const float *x, const float *bias, float *y, Py_ssize_t row0,
-                      Py_ssize_t row1, Py_ssize_t K, Py_ssize_t M, Py_ssize_t N)
+/* Sum of a vector's lanes by halving (3 vector adds and 3 scalar ones, not 15 scalar adds). */
+static inline float lane_sum(vec v)
 {
-    Py_ssize_t k_vec = K - K % (4 * LANES);
-    for (Py_ssize_t n = row0; n < row1; n++) {
-        const float *w_row = w + n * K;
-        if (n + PREFETCH_ROWS < row1) {
-            const char *ahead = (const char *)(w + (n + PREFETCH_ROWS) * K);
-            for (Py_ssize_t byte = 0; byte < K * (Py_ssize_t)sizeof(float); byte += 64)
-                __builtin_prefetch(ahead + byte, 0, 0);
-        }
-        for (Py_ssize_t m = 0; m < M; m++) {
-            const float *x_row = x + m * K;
-            vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-            Py_ssize_t k = 0;
-            for (; k < k_vec; k += 4 * LANES) {
-                a0 += *(const vec *)(w_row + k) * *(const vec *)(x_row + k);
-                a1 += *(const vec *)(w_row + k + LANES) * *(const vec *)(x_row + k + LANES);
-                a2 += *(const vec *)(w_row + k + 2 * LANES) * *(const vec *)(x_row + k + 2 * LANES);
-                a3 += *(const vec *)(w_row + k + 3 * LANES) * *(const vec *)(x_row + k + 3 * LANES);
-            }
-            vec total = (a0 + a1) + (a2 + a3);
-            float sum = 0.0f;
-            for (int lane = 0; lane < LANES; lane++)
-                sum += total[lane];
-            for (; k < K; k++)
-                sum += w_row[k] * x_row[k];
-            y[m * N + n] = bias ? sum + bias[n] : sum;
-        }
-    }
+    half_vec lo, hi;
+    memcpy(&lo, &v, sizeof lo);
+    memcpy(&hi, (char *)&v + sizeof lo, sizeof hi);
+    half_vec h = lo + hi;
+    quarter_vec a, b;
+    memcpy(&a, &h, sizeof a);
+    memcpy(&b, (char *)&h + sizeof a, sizeof b);
+    quarter_vec q = a + b;
+    return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* The pool. A job is published by bumping job_seq; each of its `parts` threads takes a block. */
+/* The pool. A job is published by bumping job_seq; each of its `parts` threads runs
+   task(args, part, parts). */
 
-typedef struct {
-    const float *w, *x, *bias;
-    float *y;
-    Py_ssize_t K, M, N;
+typedef void (*Task)(const void *args, int part, int parts);
+
+static struct {
+    Task task;
+    const void *args;
     int parts;
-} Job;
-
-static Job job;
+} job;
 static atomic_ulong job_seq;
 static atomic_int pending; /* workers that have not yet acknowledged the current job */
 static atomic_int sleepers;
@@ -110,16 +98,6 @@ static inline void cpu_relax(void)
 #elif defined(__aarch64__)
     __asm__ __volatile__("yield");
 #endif
-}
-
-static void run_part(int part)
-{
-    /* blocks of whole cache lines of y (16 floats), so two threads never write one line */
-    Py_ssize_t per = (job.N + job.parts - 1) / job.parts;
-    per = (per + 15) & ~(Py_ssize_t)15;
-    Py_ssize_t row0 = part * per, row1 = row0 + per < job.N ? row0 + per : job.N;
-    if (row0 < row1)
-        gemv_rows(job.w, job.x, job.bias, job.y, row0, row1, job.K, job.M, job.N);
 }
 
 static void *worker(void *arg)
@@ -144,7 +122,7 @@ static void *worker(void *arg)
         }
         seen = now;
         if (start.part < job.parts)
-            run_part(start.part);
+            job.task(job.args, start.part, job.parts);
         atomic_fetch_sub_explicit(&pending, 1, memory_order_release);
     }
     return NULL;
@@ -181,43 +159,33 @@ static void forget_workers_in_child(void)
     pthread_cond_init(&wake, NULL);
 }
 
-static PyObject *linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* The thread count to use: what was asked, at most the cores there are (spinning workers on
+   shared cores would starve each other) and at most `units` of work. */
+static long cpus; /* online CPUs, read once at import: sysconf reads /sys on every call */
+
+static int clamp_threads(long threads, Py_ssize_t units)
 {
-    (void)self;
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "linear(y_ptr, x_ptr, w_ptr, bias_ptr, M, N, K, threads)");
-        return NULL;
-    }
-    void *ptr[4];
-    for (int i = 0; i < 4; i++) {
-        ptr[i] = PyLong_AsVoidPtr(args[i]);
-        if (PyErr_Occurred())
-            return NULL;
-    }
-    Py_ssize_t M = PyLong_AsSsize_t(args[4]), N = PyLong_AsSsize_t(args[5]), K = PyLong_AsSsize_t(args[6]);
-    long threads = PyLong_AsLong(args[7]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (M < 0 || N < 0 || K < 0 || (M > 0 && N > 0 && (!ptr[0] || (K > 0 && (!ptr[1] || !ptr[2]))))) {
-        PyErr_SetString(PyExc_ValueError, "linear: negative size or null pointer");
-        return NULL;
-    }
-    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-    if (cpus > 0 && threads > cpus) /* more threads than cores: spinning workers would starve */
+    if (cpus > 0 && threads > cpus)
         threads = cpus;
     if (threads > MAX_THREADS)
         threads = MAX_THREADS;
-    if (threads < 1 || N < 64) /* too small to be worth waking a worker */
-        threads = 1;
+    if (threads > units)
+        threads = (long)units;
+    return threads < 1 ? 1 : (int)threads;
+}
 
-    Py_BEGIN_ALLOW_THREADS
+/* Run task on `threads` threads (the caller being one) and wait for all; without the GIL. */
+static void run_job(Task task, const void *args, int threads)
+{
     pthread_mutex_lock(&call_lock);
     int parts = 1;
     if (threads > 1) {
-        int workers = ensure_workers((int)threads - 1);
-        parts = 1 + (workers < threads - 1 ? workers : (int)threads - 1);
+        int workers = ensure_workers(threads - 1);
+        parts = 1 + (workers < threads - 1 ? workers : threads - 1);
     }
-    job = (Job){ptr[2], ptr[1], ptr[3], ptr[0], K, M, N, parts};
+    job.task = task;
+    job.args = args;
+    job.parts = parts;
     if (parts > 1) {
         /* every worker acknowledges the job, taking part or not, so none can still be reading
            `job` when the next call rewrites it */
@@ -229,16 +197,105 @@ static PyObject *linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             pthread_mutex_unlock(&sleep_lock);
         }
     }
-    run_part(0);
+    task(args, 0, parts);
     while (atomic_load_explicit(&pending, memory_order_acquire) > 0)
         cpu_relax();
     pthread_mutex_unlock(&call_lock);
+}
+
+/* Parse the leading `n` arguments as pointers (int addresses) and the rest as sizes. */
+static int parse_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expected, const char *usage,
+                      int n_pointers, void **pointers, Py_ssize_t *sizes)
+{
+    if (nargs != expected) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return -1;
+    }
+    for (int i = 0; i < n_pointers; i++)
+        pointers[i] = PyLong_AsVoidPtr(args[i]);
+    for (Py_ssize_t i = n_pointers; i < expected; i++)
+        sizes[i - n_pointers] = PyLong_AsSsize_t(args[i]);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* GEMV */
+
+typedef struct {
+    const float *w, *x, *bias;
+    float *y;
+    Py_ssize_t K, M, N;
+} Gemv;
+
+CLONES
+static void gemv_rows(const Gemv *g, Py_ssize_t row0, Py_ssize_t row1)
+{
+    const Py_ssize_t K = g->K, M = g->M, N = g->N;
+    const Py_ssize_t k_vec = K - K % (4 * LANES);
+    for (Py_ssize_t n = row0; n < row1; n++) {
+        const float *w_row = g->w + n * K;
+        if (n + PREFETCH_ROWS < row1) {
+            const char *ahead = (const char *)(g->w + (n + PREFETCH_ROWS) * K);
+            for (Py_ssize_t byte = 0; byte < K * (Py_ssize_t)sizeof(float); byte += 64)
+                __builtin_prefetch(ahead + byte, 0, 0);
+        }
+        for (Py_ssize_t m = 0; m < M; m++) {
+            const float *x_row = g->x + m * K;
+            vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            Py_ssize_t k = 0;
+            for (; k < k_vec; k += 4 * LANES) {
+                a0 += *(const vec *)(w_row + k) * *(const vec *)(x_row + k);
+                a1 += *(const vec *)(w_row + k + LANES) * *(const vec *)(x_row + k + LANES);
+                a2 += *(const vec *)(w_row + k + 2 * LANES) * *(const vec *)(x_row + k + 2 * LANES);
+                a3 += *(const vec *)(w_row + k + 3 * LANES) * *(const vec *)(x_row + k + 3 * LANES);
+            }
+            float sum = lane_sum((a0 + a1) + (a2 + a3));
+            for (; k < K; k++)
+                sum += w_row[k] * x_row[k];
+            g->y[m * N + n] = g->bias ? sum + g->bias[n] : sum;
+        }
+    }
+}
+
+static void gemv_part(const void *args, int part, int parts)
+{
+    const Gemv *g = args;
+    /* blocks of whole cache lines of y (16 floats), so two threads never write one line */
+    Py_ssize_t per = (g->N + parts - 1) / parts;
+    per = (per + 15) & ~(Py_ssize_t)15;
+    Py_ssize_t row0 = part * per, row1 = row0 + per < g->N ? row0 + per : g->N;
+    if (row0 < row1)
+        gemv_rows(g, row0, row1);
+}
+
+static PyObject *linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    void *ptr[4];
+    Py_ssize_t size[4];
+    if (parse_args(args, nargs, 8, "linear(y, x, w, bias, M, N, K, threads)", 4, ptr, size) < 0)
+        return NULL;
+    Gemv g = {ptr[2], ptr[1], ptr[3], ptr[0], size[2], size[0], size[1]};
+    if (g.M < 0 || g.N < 0 || g.K < 0 || (g.M > 0 && g.N > 0 && (!g.y || (g.K > 0 && (!g.x || !g.w))))) {
+        PyErr_SetString(PyExc_ValueError, "linear: negative size or null pointer");
+        return NULL;
+    }
+    int threads = clamp_threads(size[3], g.N / 64); /* under 64 rows a worker costs more than it saves */
+    Py_BEGIN_ALLOW_THREADS
+    run_job(gemv_part, &g, threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* Attention of one new token per row against the KV cache.                                   */
+/* Attention of one new token per row against the KV cache */
+
+typedef struct {
+    float *out, *qkv, *keys, *values, *scores; /* scores: one buffer of S floats per thread */
+    const unsigned char *mask;
+    const float *cos, *sin;
+    Py_ssize_t mask_stride, B, H, KV, D, start, capacity;
+} Attention;
 
 /* Rotate-half RoPE in place: x[i] * cos[i] + (i < D/2 ? -x[i + D/2] : x[i - D/2]) * sin[i]. */
 static void rope_in_place(float *x, const float *cos, const float *sin, Py_ssize_t D)
@@ -260,16 +317,13 @@ static float dot(const float *a, const float *b, Py_ssize_t n)
         acc0 += *(const vec *)(a + i) * *(const vec *)(b + i);
         acc1 += *(const vec *)(a + i + LANES) * *(const vec *)(b + i + LANES);
     }
-    vec acc = acc0 + acc1;
-    float sum = 0.0f;
-    for (int lane = 0; lane < LANES; lane++)
-        sum += acc[lane];
+    float sum = lane_sum(acc0 + acc1);
     for (; i < n; i++)
         sum += a[i] * b[i];
     return sum;
 }
 
-/* out[d] += p * v[d] */
+/* out[i] += p * v[i] */
 CLONES
 static void axpy(float *out, float p, const float *v, Py_ssize_t n)
 {
@@ -280,93 +334,93 @@ static void axpy(float *out, float p, const float *v, Py_ssize_t n)
         out[i] += p * v[i];
 }
 
+/* Row b, K/V head kv: store the new key (rotated) and value, then attend for the query heads
+   that share them (one without grouped-query attention). */
+static void attend_group(const Attention *a, Py_ssize_t b, Py_ssize_t kv, float *scores)
+{
+    const Py_ssize_t D = a->D, S = a->start + 1, group = a->H / a->KV;
+    float *q = a->qkv + b * (a->H + 2 * a->KV) * D; /* this row's q | k | v */
+    const float *k_new = q + (a->H + kv) * D, *v_new = q + (a->H + a->KV + kv) * D;
+    const float *cos = a->cos ? a->cos + b * D : NULL, *sin = a->sin ? a->sin + b * D : NULL;
+    float *k_cache = a->keys + (b * a->KV + kv) * a->capacity * D;
+    float *v_cache = a->values + (b * a->KV + kv) * a->capacity * D;
+    memcpy(k_cache + a->start * D, k_new, D * sizeof(float));
+    memcpy(v_cache + a->start * D, v_new, D * sizeof(float));
+    if (cos)
+        rope_in_place(k_cache + a->start * D, cos, sin, D);
+    const unsigned char *allowed = a->mask ? a->mask + b * a->mask_stride : NULL;
+    const float scale = 1.0f / sqrtf((float)D);
+    for (Py_ssize_t h = kv * group; h < (kv + 1) * group; h++) {
+        float *q_h = q + h * D;
+        if (cos)
+            rope_in_place(q_h, cos, sin, D);
+        float top = -INFINITY;
+        for (Py_ssize_t j = 0; j < S; j++) {
+            scores[j] = allowed && !allowed[j] ? -INFINITY : dot(q_h, k_cache + j * D, D) * scale;
+            if (scores[j] > top)
+                top = scores[j];
+        }
+        float total = 0.0f;
+        for (Py_ssize_t j = 0; j < S; j++) {
+            scores[j] = scores[j] == -INFINITY ? 0.0f : expf(scores[j] - top);
+            total += scores[j];
+        }
+        float *o = a->out + (b * a->H + h) * D;
+        memset(o, 0, D * sizeof(float));
+        for (Py_ssize_t j = 0; j < S; j++)
+            if (scores[j] != 0.0f)
+                axpy(o, scores[j] / total, v_cache + j * D, D);
+    }
+}
+
+static void attention_part(const void *args, int part, int parts)
+{
+    const Attention *a = args;
+    float *scores = a->scores + part * (a->start + 1);
+    for (Py_ssize_t unit = part; unit < a->B * a->KV; unit += parts)
+        attend_group(a, unit / a->KV, unit % a->KV, scores);
+}
+
 static PyObject *attention(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 14) {
-        PyErr_SetString(PyExc_TypeError,
-                        "attention(out, qkv, keys, values, mask, mask_stride, cos, sin, B, H, KV, D, start, capacity)");
+    void *ptr[7];
+    Py_ssize_t size[8];
+    if (parse_args(args, nargs, 15,
+                   "attention(out, qkv, keys, values, mask, cos, sin, mask_stride, B, H, KV, D, start, capacity, threads)",
+                   7, ptr, size) < 0)
         return NULL;
-    }
-    void *ptr[8];
-    for (int i = 0; i < 8; i++) {
-        if (i == 5)
-            continue;
-        ptr[i] = PyLong_AsVoidPtr(args[i]);
-        if (PyErr_Occurred())
-            return NULL;
-    }
-    Py_ssize_t mask_stride = PyLong_AsSsize_t(args[5]);
-    Py_ssize_t B = PyLong_AsSsize_t(args[8]), H = PyLong_AsSsize_t(args[9]), KV = PyLong_AsSsize_t(args[10]);
-    Py_ssize_t D = PyLong_AsSsize_t(args[11]), start = PyLong_AsSsize_t(args[12]), capacity = PyLong_AsSsize_t(args[13]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (B < 1 || H < 1 || KV < 1 || H % KV || D < 2 || D % 2 || start < 0 || start >= capacity || !ptr[0] || !ptr[1] ||
-        !ptr[2] || !ptr[3] || (!ptr[6]) != (!ptr[7])) {
+    Attention a = {ptr[0], ptr[1], ptr[2], ptr[3], NULL, ptr[4], ptr[5], ptr[6],
+                   size[0], size[1], size[2], size[3], size[4], size[5], size[6]};
+    if (a.B < 1 || a.H < 1 || a.KV < 1 || a.H % a.KV || a.D < 2 || a.D % 2 || a.start < 0 ||
+        a.start >= a.capacity || !a.out || !a.qkv || !a.keys || !a.values || !a.cos != !a.sin) {
         PyErr_SetString(PyExc_ValueError, "attention: inconsistent sizes or null pointer");
         return NULL;
     }
-    float *out = ptr[0], *qkv = ptr[1], *keys = ptr[2], *values = ptr[3];
-    const unsigned char *mask = ptr[4];
-    const float *cos = ptr[6], *sin = ptr[7];
-    Py_ssize_t S = start + 1, width = (H + 2 * KV) * D, group = H / KV;
-    float scale = 1.0f / sqrtf((float)D);
-    float *scores = PyMem_RawMalloc(S * sizeof(float));
-    if (!scores)
+    int threads = clamp_threads(size[7], a.B * a.KV);
+    a.scores = PyMem_RawMalloc((size_t)threads * (a.start + 1) * sizeof(float));
+    if (!a.scores)
         return PyErr_NoMemory();
-
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t b = 0; b < B; b++) {
-        float *q = qkv + b * width, *k_new = q + H * D, *v_new = k_new + KV * D;
-        const unsigned char *allowed = mask ? mask + b * mask_stride : NULL;
-        for (Py_ssize_t kv = 0; kv < KV; kv++) {
-            float *k_row = keys + ((b * KV + kv) * capacity + start) * D;
-            float *v_row = values + ((b * KV + kv) * capacity + start) * D;
-            memcpy(k_row, k_new + kv * D, D * sizeof(float));
-            memcpy(v_row, v_new + kv * D, D * sizeof(float));
-            if (cos)
-                rope_in_place(k_row, cos + b * D, sin + b * D, D);
-        }
-        for (Py_ssize_t h = 0; h < H; h++) {
-            float *q_h = q + h * D;
-            if (cos)
-                rope_in_place(q_h, cos + b * D, sin + b * D, D);
-            const float *k_h = keys + (b * KV + h / group) * capacity * D;
-            const float *v_h = values + (b * KV + h / group) * capacity * D;
-            float top = -INFINITY;
-            for (Py_ssize_t j = 0; j < S; j++) {
-                scores[j] = allowed && !allowed[j] ? -INFINITY : dot(q_h, k_h + j * D, D) * scale;
-                if (scores[j] > top)
-                    top = scores[j];
-            }
-            float total = 0.0f;
-            for (Py_ssize_t j = 0; j < S; j++) {
-                scores[j] = scores[j] == -INFINITY ? 0.0f : expf(scores[j] - top);
-                total += scores[j];
-            }
-            float *o = out + (b * H + h) * D;
-            for (Py_ssize_t d = 0; d < D; d++)
-                o[d] = 0.0f;
-            for (Py_ssize_t j = 0; j < S; j++)
-                if (scores[j] != 0.0f)
-                    axpy(o, scores[j] / total, v_h + j * D, D);
-        }
-    }
+    run_job(attention_part, &a, threads);
     Py_END_ALLOW_THREADS
-    PyMem_RawFree(scores);
+    PyMem_RawFree(a.scores);
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------------------------------ */
+
 static PyMethodDef methods[] = {
     {"linear", (PyCFunction)(void (*)(void))linear, METH_FASTCALL,
-     "linear(y_ptr, x_ptr, w_ptr, bias_ptr, M, N, K, threads): y (M, N) = x (M, K) @ w (N, K).T + bias "
-     "(N,) (bias_ptr 0: none), float32, contiguous, on `threads` cores. Pointers are not checked."},
+     "linear(y, x, w, bias, M, N, K, threads): y (M, N) = x (M, K) @ w (N, K).T + bias (N,) (bias 0: "
+     "none); float32, contiguous, pointers as ints, not checked."},
     {"attention", (PyCFunction)(void (*)(void))attention, METH_FASTCALL,
-     "attention(out, qkv, keys, values, mask, mask_stride, cos, sin, B, H, KV, D, start, capacity): one decode "
-     "step of causal attention. qkv (B, (H+2KV)*D) holds each row's new q|k|v; k (after RoPE, when cos/sin "
-     "(B, D) are given) and v are written at position `start` of keys/values (B, KV, capacity, D), then "
-     "out (B, H*D) = softmax(q k^T / sqrt(D)) v over positions 0..start, where mask (uint8, row b at "
-     "b*mask_stride) allows. The q part of qkv is rotated in place. Pointers are not checked."},
+     "attention(out, qkv, keys, values, mask, cos, sin, mask_stride, B, H, KV, D, start, capacity, threads): "
+     "one decode step of causal attention. qkv (B, (H+2KV)*D) holds each row's new q|k|v; k (rotated "
+     "when cos/sin (B, D) are given) and v are written at position `start` of keys/values (B, KV, "
+     "capacity, D), then out (B, H*D) = softmax(q k^T / sqrt(D)) v over positions 0..start where mask "
+     "(uint8, row b at b*mask_stride; 0: none) allows. q is rotated in place in qkv. Pointers are not "
+     "checked."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -375,6 +429,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_decode", NULL, -1, 
 PyMODINIT_FUNC PyInit__decode(void)
 {
     static int at_fork_registered;
+    cpus = sysconf(_SC_NPROCESSORS_ONLN);
     if (!at_fork_registered) {
         pthread_atfork(NULL, NULL, forget_workers_in_child);
         at_fork_registered = 1;

@@ -27,6 +27,8 @@ except ImportError:  # built without a C compiler, or on Windows: decoding keeps
 DECODE_MAX_ROWS = 8
 """Most rows (sequences) a step may have to use the kernels: above, a GEMM is no longer bandwidth-bound."""
 
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)  # not a DTensor (FSDP) or another subclass
+
 threads = 0
 """Threads of the GEMV inside `decoding()`; 0 outside it (then nothing here is used)."""
 _depth = 0
@@ -75,20 +77,25 @@ def decoding(rows: int, device: torch.device | str = "cpu") -> Iterator[None]:
 
 
 def gemm_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    K = x.shape[-1]
+    # called for every Linear of a decode step: the cheapest tests first, `is` for dtypes
     return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and type(weight) in (torch.Tensor, nn.Parameter)  # not a DTensor or another subclass
-        and weight.dim() == 2
-        and weight.shape[1] == K
+        x.is_cpu
+        and x.dtype is torch.float32
+        and weight.dtype is torch.float32
+        and weight.ndim == 2
         and weight.is_contiguous()
+        and type(weight) in _PLAIN_TENSORS
+        and x.shape[-1] == weight.shape[1]
+        and 0 < x.numel() <= DECODE_MAX_ROWS * weight.shape[1]
         and (
             bias is None
-            or (bias.dtype == torch.float32 and bias.is_contiguous() and bias.shape == weight.shape[:1])
+            or (
+                bias.dtype is torch.float32
+                and bias.ndim == 1
+                and bias.shape[0] == weight.shape[0]
+                and bias.is_contiguous()
+            )
         )
-        and 0 < x.numel() <= DECODE_MAX_ROWS * K
         and not torch.is_grad_enabled()
     )
 
@@ -154,19 +161,7 @@ def attention(
         mask = mask.reshape(mask.shape[0], start + 1).contiguous()  # (B or 1, start+1)
         mask_ptr, mask_stride = mask.data_ptr(), (start + 1 if mask.shape[0] > 1 else 0)
     _decode.attention(
-        out.data_ptr(),
-        qkv.data_ptr(),
-        keys.data_ptr(),
-        values.data_ptr(),
-        mask_ptr,
-        mask_stride,
-        cos_ptr,
-        sin_ptr,
-        B,
-        n_head,
-        n_kv,
-        D,
-        start,
-        capacity,
-    )
+        out.data_ptr(), qkv.data_ptr(), keys.data_ptr(), values.data_ptr(), mask_ptr, cos_ptr, sin_ptr,
+        mask_stride, B, n_head, n_kv, D, start, capacity, threads,
+    )  # fmt: skip
     return out
