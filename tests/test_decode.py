@@ -118,8 +118,13 @@ def test_decoding_runs_torch_on_one_thread_and_restores_it():
             pass
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before and decode.threads == 0
-    for rows, device in [(decode.DECODE_MAX_ROWS + 1, "cpu"), (1, "meta")]:  # nothing to gain: no change
-        with decode.decoding(rows, device):
+    nothing_to_gain = [
+        (decode.DECODE_MAX_ROWS + 1, "cpu", torch.float32),
+        (1, "meta", torch.float32),
+        (1, "cpu", torch.bfloat16),
+    ]
+    for rows, device, dtype in nothing_to_gain:
+        with decode.decoding(rows, device, dtype):
             assert torch.get_num_threads() == before and decode.threads == 0
     with pytest.raises(RuntimeError), decode.decoding(rows=1):
         raise RuntimeError("a failing step")

@@ -98,7 +98,8 @@ def generate_ids(
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    cache = KVCache.empty(cfg, B, width, device, next(model.parameters()).dtype) if use_cache else None
+    dtype = next(model.parameters()).dtype
+    cache = KVCache.empty(cfg, B, width, device, dtype) if use_cache else None
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     can_finish = eos_id is not None or on_tokens is not None
     emitted = torch.full((B, steps), not can_finish, dtype=torch.bool, device=device)  # real output
@@ -106,7 +107,7 @@ def generate_ids(
     with ExitStack() as stack:
         for step in range(steps):
             if step == 1 and cache is not None:  # the prompt is in the cache: one token per row from here
-                stack.enter_context(decoding(B, device))
+                stack.enter_context(decoding(B, device, dtype))
             start = cache.length if cache is not None else 0
             inputs = {}
             if padded:

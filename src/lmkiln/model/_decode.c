@@ -42,7 +42,7 @@
 #define PREFETCH_ROWS 4    /* rows of w prefetched ahead of the one being multiplied */
 #define SPIN_ROUNDS 100000 /* a worker's busy-wait for the next job before it sleeps (~ms) */
 
-typedef float vec __attribute__((vector_size(64), aligned(4))); /* 16 floats, unaligned loads */
+typedef float vec __attribute__((vector_size(64), aligned(4), may_alias)); /* 16 floats; unaligned, aliases float */
 typedef float half_vec __attribute__((vector_size(32)));
 typedef float quarter_vec __attribute__((vector_size(16)));
 #define LANES 16

@@ -41,9 +41,11 @@ def available() -> bool:
 
 
 @contextmanager
-def decoding(rows: int, device: torch.device | str = "cpu") -> Iterator[None]:
-    """Run generation steps of `rows` rows, one token each, on the C kernels; a no-op where they
-    cannot help.
+def decoding(
+    rows: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> Iterator[None]:
+    """Run generation steps of `rows` rows, one token each, of a model on `device` in `dtype` on
+    the C kernels; a no-op where they cannot help (GPUs, dtypes other than fp32, large batches).
 
     Inside, torch runs on one thread and the GEMV on as many as torch had. Both thread pools
     busy-wait between jobs, so running them side by side on the same cores starves each other
@@ -52,7 +54,12 @@ def decoding(rows: int, device: torch.device | str = "cpu") -> Iterator[None]:
     exit restores torch's setting.
     """
     global threads, _depth, _saved_torch_threads
-    if _decode is None or rows > DECODE_MAX_ROWS or torch.device(device).type != "cpu":
+    if (
+        _decode is None
+        or rows > DECODE_MAX_ROWS
+        or torch.device(device).type != "cpu"
+        or dtype != torch.float32
+    ):
         yield
         return
     with _lock:
