@@ -1,11 +1,11 @@
 """Builds lmkiln's optional C extensions; everything else is configured in pyproject.toml.
 
 - `lmkiln.data._bpe`, the native BPE encoder;
-- `lmkiln.model._decode`, the matrix-vector kernel for generating tokens on CPUs (POSIX threads, so
-  not on Windows).
+- `lmkiln.model._decode`, the kernels for generating tokens on CPUs: a GEMV and a one-token
+  attention step (POSIX threads, so not on Windows).
 
 `optional=True`: without a C compiler (or Python headers) the install still succeeds; lmkiln then
-encodes with tiktoken (the `fast` extra) or `tokenizers`, and decodes with torch's GEMMs. For a
+encodes with tiktoken (the `fast` extra) or `tokenizers`, and generates with torch's kernels. For a
 checkout used without installing: `python setup.py build_ext --inplace`.
 """
 

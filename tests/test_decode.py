@@ -237,3 +237,27 @@ def test_generation_uses_the_kernels_after_the_prompt_and_gives_torchs_tokens(st
     per_step = [("linear", batch)] + [("attention", batch)] + [("linear", batch)] * 3
     per_step = per_step * model.cfg.n_layer + [("linear", batch)]  # + the LM head
     assert calls == per_step * 11 * len(samplings)
+
+
+def test_a_model_left_in_training_mode_keeps_its_attention_dropout(monkeypatch):
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelConfig(vocab_size=61, d_model=64, n_head=4, n_layer=2, block_size=40, dropout=0.5)
+    )
+    real, calls = decode._decode, []
+
+    class Counting:
+        def linear(self, *args):
+            calls.append("linear")
+            return real.linear(*args)
+
+        def attention(self, *args):
+            calls.append("attention")
+            return real.attention(*args)
+
+    monkeypatch.setattr(decode, "_decode", Counting())
+    generate_ids(model.train(), [[5, 9, 11]], Sampling(max_new_tokens=4, temperature=0.0), eos_id=None)
+    assert "linear" in calls and "attention" not in calls  # SDPA applies the dropout, the C step cannot
+    calls.clear()
+    generate_ids(model.eval(), [[5, 9, 11]], Sampling(max_new_tokens=4, temperature=0.0), eos_id=None)
+    assert "attention" in calls

@@ -203,7 +203,7 @@ static void run_job(Task task, const void *args, int threads)
     pthread_mutex_unlock(&call_lock);
 }
 
-/* Parse the leading `n` arguments as pointers (int addresses) and the rest as sizes. */
+/* Parse the first `n_pointers` arguments as pointers (int addresses) and the rest as sizes. */
 static int parse_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expected, const char *usage,
                       int n_pointers, void **pointers, Py_ssize_t *sizes)
 {

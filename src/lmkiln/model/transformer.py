@@ -133,8 +133,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.wqkv(x)
-        if cache is not None and decode.attention_eligible(
-            qkv, cache.keys[layer], cache.values[layer], cache.length, mask
+        if (
+            cache is not None
+            and (self.dropout == 0 or not self.training)  # the fused step has no attention dropout
+            and decode.attention_eligible(qkv, cache.keys[layer], cache.values[layer], cache.length, mask)
         ):  # one token per row, inside decode.decoding(): one fused C call instead of ~25 torch ops
             y = decode.attention(
                 qkv, cache.keys[layer], cache.values[layer], cache.length, self.n_head, rope, mask
