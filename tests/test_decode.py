@@ -184,7 +184,7 @@ def test_fused_attention_equals_torch_and_fills_the_cache(
     expected_keys, expected_values = keys.clone(), values.clone()
     expected = _reference_step(qkv, expected_keys, expected_values, start, n_head, rope, mask)
     with torch.no_grad():
-        assert decode.attention_eligible(qkv, keys, values, start, mask)
+        assert decode.attention_eligible(qkv, keys, values, start, mask, dropout=0.0)
         qkv_before = qkv.clone()
         out = decode.attention(qkv, keys, values, start, n_head, rope, mask)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

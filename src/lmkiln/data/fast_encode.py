@@ -319,7 +319,7 @@ def _byte_ids(spec: dict) -> list[int] | None:
     return None if None in ids else ids  # type: ignore[return-value]
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
     """CPUs this process may run on (a container or taskset may allow fewer than the machine has)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -332,7 +332,7 @@ def _byte_level_encoder(spec: dict, tokenizer: Tokenizer) -> FastEncoder | None:
     byte_ids = _byte_ids(spec)
     if byte_ids is None:
         return None
-    threads = _usable_cpus()
+    threads = usable_cpus()
     try:
         return NativeBPE(spec, byte_ids, tokenizer, threads)
     except ImportError:

@@ -11,13 +11,14 @@ GPUs, dtypes other than fp32, builds without a C compiler) keeps torch's kernels
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from lmkiln.data.fast_encode import usable_cpus
 
 try:
     from lmkiln.model import _decode
@@ -67,8 +68,7 @@ def decoding(
     with _lock:
         if _depth == 0:
             _saved_torch_threads = torch.get_num_threads()
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-            threads = max(1, min(_saved_torch_threads, cores or 1))
+            threads = min(_saved_torch_threads, usable_cpus())
             torch.set_num_threads(1)
         _depth += 1
     try:
@@ -124,11 +124,18 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
 
 
 def attention_eligible(
-    qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, mask: torch.Tensor | None
+    qkv: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    start: int,
+    mask: torch.Tensor | None,
+    dropout: float,
 ) -> bool:
-    """qkv (B, 1, (H+2K)*D) from the fused projection; keys, values (B, K, capacity, D): one layer's cache."""
+    """qkv (B, 1, (H+2K)*D) from the fused projection; keys, values (B, K, capacity, D): one layer's
+    cache; dropout: the attention dropout that applies now (the fused step has none)."""
     return (
         threads > 0
+        and dropout == 0
         and qkv.dim() == 3
         and qkv.shape[1] == 1
         and qkv.dtype == torch.float32

@@ -133,10 +133,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.wqkv(x)
-        if (
-            cache is not None
-            and (self.dropout == 0 or not self.training)  # the fused step has no attention dropout
-            and decode.attention_eligible(qkv, cache.keys[layer], cache.values[layer], cache.length, mask)
+        dropout = self.dropout if self.training else 0.0
+        if cache is not None and decode.attention_eligible(
+            qkv, cache.keys[layer], cache.values[layer], cache.length, mask, dropout
         ):  # one token per row, inside decode.decoding(): one fused C call instead of ~25 torch ops
             y = decode.attention(
                 qkv, cache.keys[layer], cache.values[layer], cache.length, self.n_head, rope, mask
@@ -160,9 +159,7 @@ class Attention(nn.Module):
         if self.n_kv != self.n_head:  # grouped-query attention: each K/V head serves H/K query heads
             k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
-        )
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
         return self.wo(y)
 
