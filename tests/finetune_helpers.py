@@ -54,7 +54,9 @@ def tokenizer(chatml: bool = True) -> Tokenizer:
     return _TOKENIZERS[key]
 
 
-def make_base(directory: Path, *, chatml: bool = True, tie: bool = True, seed: int = 0) -> Path:
+def make_base(
+    directory: Path, *, chatml: bool = True, tie: bool = True, seed: int = 0, block_size: int = 96
+) -> Path:
     """A run directory with a random tiny model and its tokenizer, as `lmkiln train` leaves one."""
     tok = tokenizer(chatml)
     cfg = load_config(
@@ -63,7 +65,7 @@ def make_base(directory: Path, *, chatml: bool = True, tie: bool = True, seed: i
             "model.d_model=32",
             f"model.vocab_size={tok.vocab_size}",
             f"model.tie_embeddings={tie}",
-            "model.block_size=96",
+            f"model.block_size={block_size}",
             "train.seq_len=64",
         ]
     )

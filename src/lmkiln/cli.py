@@ -236,6 +236,138 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def load_chat_model(path: str, device: str):
+    """An lmkiln run (LoRA merged) or a local Hugging Face model directory, ready to converse."""
+    from lmkiln.infer.chat import ChatModel
+    from lmkiln.interop.hf_import import is_lmkiln_run, load_hf_model, local_directory
+
+    directory = local_directory(path, "run")
+    if is_lmkiln_run(directory):
+        from lmkiln.infer.load import load_run
+
+        loaded = load_run(directory, device=device)
+        chat = loaded.cfg.task == "finetune" and loaded.cfg.finetune.format == "chat"
+        name = loaded.checkpoint.parent.parent.resolve().name
+        return ChatModel(
+            loaded.model, loaded.tokenizer, name, chat, f"{loaded.checkpoint} (step {loaded.step})"
+        )
+    if not (directory / "config.json").is_file():
+        raise LmkilnError(
+            f"{directory} is neither an lmkiln run (no checkpoints/) nor a Hugging Face model "
+            f"directory (no config.json)"
+        )
+    imported = load_hf_model(directory, device=device)
+    chat = imported.tokenizer.chat_template is not None
+    return ChatModel(
+        imported.model,
+        imported.tokenizer,
+        directory.resolve().name,
+        chat,
+        f"{directory} ({imported.architecture})",
+    )
+
+
+def _sampling(args: argparse.Namespace):
+    from lmkiln.infer.generate import Sampling
+
+    return Sampling(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop or [],
+    )
+
+
+def cmd_chat(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise LmkilnError(f"unexpected arguments: {_quote(extra)}")
+    from lmkiln.infer.batching import ContinuousBatcher
+    from lmkiln.infer.chat import HELP, ChatFormat, ChatSession, chat_loop
+
+    chat_model = load_chat_model(args.run_dir, args.device)
+    chat_format = ChatFormat.for_model(chat_model, args.mode)
+    session = ChatSession(
+        ContinuousBatcher(chat_model.model, chat_model.tokenizer, max_rows=1),
+        chat_format,
+        _sampling(args),
+        system=args.system or "",
+    )
+
+    def note(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    interactive = sys.stdin.isatty()
+
+    def read_line() -> str | None:
+        if interactive:
+            try:
+                return input("you> ")
+            except EOFError:
+                return None
+        return sys.stdin.readline() or None
+
+    note(f"chat with {chat_model.name}: {chat_model.source}")
+    note(f"{chat_format.describe()}; context {chat_model.model.cfg.block_size} tokens")
+    note(HELP)
+    chat_loop(session, read_line, write, note)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise LmkilnError(f"unexpected arguments: {_quote(extra)}")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise LmkilnError("lmkiln serve needs FastAPI and uvicorn: pip install 'lmkiln[serve]'") from None
+    from lmkiln.infer.batching import BatchScheduler, ContinuousBatcher
+    from lmkiln.infer.chat import ChatFormat
+    from lmkiln.serve import server
+    from lmkiln.serve.app import ServeSettings, create_app
+
+    api_key = args.api_key or os.environ.get("LMKILN_API_KEY") or None
+    server.check_bind(args.host, api_key)
+    chat_model = load_chat_model(args.run_dir, args.device)
+    chat_format = ChatFormat.for_model(chat_model, args.mode)
+    context = chat_model.model.cfg.block_size
+    settings = ServeSettings(
+        model_name=args.model_name or chat_model.name,
+        context=context,
+        api_key=api_key,
+        max_body_bytes=args.max_body_bytes,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens=args.max_tokens,
+    )
+    batcher = ContinuousBatcher(chat_model.model, chat_model.tokenizer, max_rows=args.max_batch)
+    scheduler = BatchScheduler(batcher, max_waiting=args.max_queue)
+    sock = server.bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    def started() -> None:
+        print(f"serving {settings.model_name} ({chat_model.source}) at {url}", flush=True)
+        print(
+            f"  {chat_format.describe()}; context {context} tokens, batches of up to {args.max_batch}, "
+            f"{args.max_queue} waiting at most{'; API key required' if api_key else ''}",
+            flush=True,
+        )
+        print(f"  OpenAI API: {url}/v1   chat page: {url}/   health: {url}/health", flush=True)
+
+    def stopped() -> None:
+        print(f"server stopped; requests by outcome: {scheduler.stats()['finished']}", flush=True)
+
+    app = create_app(scheduler, chat_format, settings)
+    server.run(app, scheduler, sock, on_started=started, on_stopped=stopped)
+    return 0
+
+
 def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
     flags = ["task=finetune"]
     for key in ("base", "data", "format", "method"):
@@ -425,6 +557,60 @@ def _add_interop_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(func=cmd_eval_retrieval)
 
 
+def _sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens per answer at most")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def _add_use_commands(sub: argparse._SubParsersAction) -> None:
+    model_help = "run directory (or one of its checkpoints), or a local Hugging Face model directory"
+    mode_help = "chat: the chat template; completion: continue plain text; auto: chat if trained for it"
+    chat = sub.add_parser(
+        "chat",
+        help="talk to a model in the terminal",
+        description="Talk to a model: streamed answers, history trimmed to the context. Commands: "
+        "/reset, /system TEXT, /quit.",
+        allow_abbrev=False,
+    )
+    chat.add_argument("run_dir", help=model_help)
+    chat.add_argument("--mode", choices=["auto", "chat", "completion"], default="auto", help=mode_help)
+    chat.add_argument("--system", help="system message to start with")
+    _sampling_options(chat)
+    chat.add_argument("--device", default="cpu")
+    chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API with a chat page",
+        description="OpenAI-compatible /v1/models, /v1/completions and /v1/chat/completions (streaming "
+        "or not), continuous batching of concurrent requests, /health, and a chat page at /.",
+        allow_abbrev=False,
+    )
+    serve.add_argument("run_dir", help=model_help)
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to bind; other than loopback needs --api-key"
+    )
+    serve.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
+    serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $LMKILN_API_KEY)")
+    serve.add_argument("--model-name", help="model id in the API (default: the directory name)")
+    serve.add_argument("--mode", choices=["auto", "chat", "completion"], default="auto", help=mode_help)
+    serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting at most (429 beyond)")
+    serve.add_argument(
+        "--max-tokens", type=int, default=0, help="tokens per request at most (0: the context)"
+    )
+    serve.add_argument(
+        "--max-prompt-tokens", type=int, default=0, help="prompt tokens at most (0: the context minus one)"
+    )
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size at most")
+    serve.add_argument("--device", default="cpu")
+    serve.set_defaults(func=cmd_serve)
+
+
 # --------------------------------------------------------------------------------------------
 # Parser and entry point
 
@@ -520,6 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stop", action="append", help="stop string (repeatable)")
     generate.add_argument("--device", default="cpu")
     generate.set_defaults(func=cmd_generate)
+    _add_use_commands(sub)
     _add_interop_commands(sub)
     return parser
 
