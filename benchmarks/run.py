@@ -8,7 +8,7 @@ generation, memory — and the targets, as ratios measured in the same run.
 Candidates alternate within each section (lmkiln, peer, floor, lmkiln, ...) and figures are
 medians, so background load on a shared machine moves all of them alike. Prints the JSON report
 and then a table; `--json OUT` also writes the JSON. Sections: train, ttl (needs --corpus),
-tokenize, generate, memory, gpu (only with CUDA).
+tokenize, generate, serve, memory, gpu (only with CUDA).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ try:
 except ImportError:  # run from a checkout without installing: use its src/
     sys.path.insert(0, str(ROOT / "src"))
 
-SECTIONS = ("train", "ttl", "tokenize", "generate", "memory", "gpu")
+SECTIONS = ("train", "ttl", "tokenize", "generate", "serve", "memory", "gpu")
 log = logging.getLogger("lmkiln.bench")
 
 # (shape, steps per run, warm-up steps dropped, rounds) — full and --quick
@@ -109,6 +109,15 @@ def run_generate(args) -> dict:
     )
 
 
+def run_serve(args) -> dict:
+    from benchmarks.serving import measure
+
+    log.info("serve: lmkiln serve and transformers serve, 1/4/8 streaming clients")
+    if args.quick:
+        return measure(args.corpus or "builtin:pydoc", rounds=1, requests=1, max_tokens=32)
+    return measure(args.corpus or "builtin:pydoc", rounds=2, requests=2, max_tokens=128)
+
+
 def run_memory(args) -> dict:
     from benchmarks.common import SHAPES
     from benchmarks.memory import measure
@@ -149,6 +158,7 @@ RUNNERS = {
     "ttl": run_ttl,
     "tokenize": run_tokenize,
     "generate": run_generate,
+    "serve": run_serve,
     "memory": run_memory,
     "gpu": run_gpu,
 }
@@ -226,6 +236,16 @@ def targets(results: dict) -> list[dict]:
             2.0,
             "tokens/s lmkiln / transformers.generate, batch 1",
         )
+    serve = results.get("serve")
+    if serve:
+        for peer, by_clients in serve["lmkiln_tokens_per_s_over_peer"].items():
+            add(
+                f"serve_8_clients_vs_{peer.replace(' ', '_').replace('--', '')}",
+                by_clients["8"],
+                ">=",
+                2.0,
+                f"aggregate tokens/s at 8 streaming clients, lmkiln serve / {peer}",
+            )
     mem = results.get("memory")
     if mem:
         rows = mem["rows"]
@@ -287,6 +307,10 @@ def table(results: dict) -> str:
                 f"ids identical: {gen[batch]['greedy_ids_identical']}   "
                 f"(without lmkiln's decode kernels: {rows['lmkiln, torch kernels']['tokens_per_s']:.0f} tok/s)"
             )
+    if results.get("serve"):
+        from benchmarks.serving import table as serving_table
+
+        lines.append("\n" + serving_table(results["serve"]))
     mem = results.get("memory")
     for section in (mem, (mem or {}).get("large_vocabulary")):
         if not section:

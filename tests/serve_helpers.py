@@ -56,27 +56,20 @@ def cli_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
 
 
-def start_server(*args: str, timeout: float = 120) -> tuple[subprocess.Popen, str]:
-    """`lmkiln serve ARGS --port 0` in a subprocess; returns it and its base URL once it listens."""
-    proc = subprocess.Popen(
-        lmkiln_command("serve", *args, "--port", "0"),
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def start_server(*args: str, log: Path, timeout: float = 120) -> tuple[subprocess.Popen, str]:
+    """`lmkiln serve ARGS --port 0` in a subprocess writing to `log`; returns it and its URL once it listens."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            lmkiln_command("serve", *args, "--port", "0"), env=cli_env(), stdout=out, stderr=subprocess.STDOUT
+        )
     deadline = time.monotonic() + timeout
-    lines = []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        found = re.search(r"at (http://\S+)", line)
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = re.search(r" at (http://\S+)", log.read_text())
         if found:
             return proc, found.group(1)
+        time.sleep(0.1)
     proc.kill()
-    raise AssertionError("lmkiln serve did not start:\n" + "".join(lines))
+    raise AssertionError("lmkiln serve did not start:\n" + log.read_text())
 
 
 def stop_server(proc: subprocess.Popen) -> None:

@@ -322,6 +322,10 @@ def cmd_chat(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise LmkilnError(f"unexpected arguments: {_quote(extra)}")
+    from lmkiln.serve import server
+
+    api_key = args.api_key or os.environ.get("LMKILN_API_KEY") or None
+    server.check_bind(args.host, api_key)
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -329,11 +333,8 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
         raise LmkilnError("lmkiln serve needs FastAPI and uvicorn: pip install 'lmkiln[serve]'") from None
     from lmkiln.infer.batching import BatchScheduler, ContinuousBatcher
     from lmkiln.infer.chat import ChatFormat
-    from lmkiln.serve import server
     from lmkiln.serve.app import ServeSettings, create_app
 
-    api_key = args.api_key or os.environ.get("LMKILN_API_KEY") or None
-    server.check_bind(args.host, api_key)
     chat_model = load_chat_model(args.run_dir, args.device)
     chat_format = ChatFormat.for_model(chat_model, args.mode)
     context = chat_model.model.cfg.block_size

@@ -1,7 +1,7 @@
 """Continuous batching: many generation requests share one model, joining and leaving between steps.
 
-A request is prefilled alone (its prompt in a cache of its own, exactly as `generate_ids` runs one
-prompt) and then joins the running batch. The batch keeps every row's keys and values
+Requests that arrive together are prefilled together (their prompts left-padded in a cache of
+their own, as `generate_ids` runs a batch of prompts) and then join the running batch. The batch keeps every row's keys and values
 right-aligned in one cache per layer, (rows, K, capacity, D): all rows end at column `end`, a row
 of n tokens holds columns end-n .. end-1, and an attention mask hides the columns before them. A
 decode step feeds each row the token it sampled last at the row's own position, so a row computes
@@ -98,15 +98,15 @@ class BatchCache:
         first = torch.tensor([self.end - n for n in self.lengths], device=device)  # (rows,)
         return (columns[None, :] >= first[:, None]).long()
 
-    def add(self, prefilled: KVCache) -> None:
-        """Append a row whose prompt is in `prefilled` (1, K, P, D) per layer."""
-        length = prefilled.length
+    def add(self, prefilled: KVCache, index: int, length: int) -> None:
+        """Append row `index` of a prefill cache (B, K, P, D) per layer, whose prompt of `length`
+        tokens is right-aligned (left-padded) in it."""
         if length > self.end:
             self.shift(length)
-        row, start = self.rows, self.end - length
+        row, start, width = self.rows, self.end - length, prefilled.length
         for layer, (keys, values) in enumerate(zip(self.kv.keys, self.kv.values)):
-            keys[row, :, start : self.end] = prefilled.keys[layer][0, :, :length]
-            values[row, :, start : self.end] = prefilled.values[layer][0, :, :length]
+            keys[row, :, start : self.end] = prefilled.keys[layer][index, :, width - length : width]
+            values[row, :, start : self.end] = prefilled.values[layer][index, :, width - length : width]
         self.lengths.append(length)
 
     def remove(self, row: int) -> None:
@@ -186,8 +186,16 @@ class ContinuousBatcher:
             if self.rows[index].request.cancelled.is_set():
                 self._finish(self.rows[index], "cancelled")
                 self._remove(index)
-        while self.waiting and len(self.rows) < self.max_rows:
-            self._start(self.waiting.popleft())
+        joining = []
+        while self.waiting and len(self.rows) + len(joining) < self.max_rows:
+            request = self.waiting.popleft()
+            if request.cancelled.is_set():
+                self.finished["cancelled"] += 1
+                request.on_update(Update("", 0, "cancelled"))
+            else:
+                joining.append(request)
+        if joining:
+            self._prefill(joining)
         if self.rows:
             self._decode()
 
@@ -203,24 +211,33 @@ class ContinuousBatcher:
         self.cache.end = 0
 
     # -- internals -----------------------------------------------------------------------------
-    def _start(self, request: GenerationRequest) -> None:
-        if request.cancelled.is_set():
-            self.finished["cancelled"] += 1
-            request.on_update(Update("", 0, "cancelled"))
-            return
+    def _prefill(self, requests: list[GenerationRequest]) -> None:
+        """Run the prompts of joining requests in one forward pass; each takes its first token and
+        (unless that ends it) a row of the batch."""
+        lengths = [len(r.prompt_ids) for r in requests]
+        width = max(lengths)
+        ids = torch.zeros((len(requests), width), dtype=torch.long, device=self.device)  # (B, P)
+        mask = torch.zeros_like(ids)
+        for index, request in enumerate(requests):  # left-padded: every prompt ends at column P-1
+            ids[index, width - lengths[index] :] = torch.tensor(request.prompt_ids, device=self.device)
+            mask[index, width - lengths[index] :] = 1
+        inputs = {}
+        if min(lengths) != width:  # padding to hide; positions count real tokens only
+            inputs = {"attention_mask": mask, "position_ids": (mask.cumsum(dim=1) - 1).clamp(min=0)}
+        prefill = KVCache.empty(self.model.cfg, len(requests), width, self.device, self.dtype)
+        logits = self.model(ids, cache=prefill, **inputs)[:, -1]  # (B, V)
+        rows = [self._new_row(request) for request in requests]
+        for index, (row, token) in enumerate(zip(rows, self._sample(logits, rows))):
+            if self._accept(row, token, lengths[index]):
+                self.cache.add(prefill, index, lengths[index])
+                self.rows.append(row)
+
+    def _new_row(self, request: GenerationRequest) -> _Row:
         sampling = request.sampling
         generator = None
         if sampling.seed is not None and sampling.temperature > 0:
             generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
-        row = _Row(request, TextStream(self.tokenizer, sampling.stop), generator)
-        length = len(request.prompt_ids)
-        prefill = KVCache.empty(self.model.cfg, 1, length, self.device, self.dtype)
-        prompt = torch.tensor([request.prompt_ids], device=self.device)  # (1, P)
-        logits = self.model(prompt, cache=prefill)[:, -1]  # (1, V)
-        token = self._sample(logits, [row])[0]
-        if self._accept(row, token, length):
-            self.cache.add(prefill)
-            self.rows.append(row)
+        return _Row(request, TextStream(self.tokenizer, sampling.stop), generator)
 
     def _decode(self) -> None:
         self.cache.make_room()
@@ -311,8 +328,15 @@ class BatchScheduler:
     and ends the thread.
     """
 
-    def __init__(self, batcher: ContinuousBatcher, max_waiting: int = 64) -> None:
+    def __init__(
+        self,
+        batcher: ContinuousBatcher,
+        max_waiting: int = 64,
+        after_step: Callable[[], None] | None = None,
+    ) -> None:
         self.batcher, self.max_waiting = batcher, max_waiting
+        self.after_step = after_step
+        """Called on the thread after every step, e.g. to hand the step's updates on in one go."""
         self._incoming: deque[GenerationRequest] = deque()
         self._condition = threading.Condition()
         self._accepting = True
@@ -380,6 +404,8 @@ class BatchScheduler:
             except Exception:  # a bug or out of memory: fail the batch, keep serving
                 log.exception("generation step failed; ending the requests of the batch")
                 batcher.cancel_all("error")
+            if self.after_step is not None:
+                self.after_step()
             with self._condition:
                 self._running, self._waiting = len(batcher.rows), len(batcher.waiting)
                 self._finished = dict(batcher.finished)

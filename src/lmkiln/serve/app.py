@@ -10,9 +10,11 @@ the batch at the next decoding step. Every error is OpenAI's error object with a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -54,26 +56,44 @@ class ServeSettings:
         self.max_tokens = self.max_tokens or self.context
 
 
+class _Outbox:
+    """Updates of one decoding step, handed to the event loop in one call: the loop wakes once per
+    step instead of once per token of every request (the scheduler calls `flush` after each step)."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._pending: list[tuple[asyncio.Queue, Update]] = []
+        self._lock = threading.Lock()
+
+    def put(self, queue: asyncio.Queue, update: Update) -> None:  # on the scheduler's thread
+        with self._lock:
+            self._pending.append((queue, update))
+
+    def flush(self) -> None:  # on the scheduler's thread
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if batch and self.loop is not None:
+            # RuntimeError: the event loop has closed, nobody waits for these answers any more
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self._deliver, batch)
+
+    @staticmethod
+    def _deliver(batch: list[tuple[asyncio.Queue, Update]]) -> None:
+        for queue, update in batch:
+            queue.put_nowait(update)
+
+
 class _Job:
     """A request handed to the scheduler, and its updates delivered back on the event loop."""
 
     def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        prompt_ids: list[int],
-        sampling: Sampling,
-        stop_ids: frozenset[int],
+        self, outbox: _Outbox, prompt_ids: list[int], sampling: Sampling, stop_ids: frozenset[int]
     ) -> None:
-        self.loop = loop
         self.prompt_tokens = len(prompt_ids)
         self.updates: asyncio.Queue[Update] = asyncio.Queue()
-        self.request = GenerationRequest(prompt_ids, sampling, stop_ids, self._push)
-
-    def _push(self, update: Update) -> None:  # on the scheduler's thread
-        try:
-            self.loop.call_soon_threadsafe(self.updates.put_nowait, update)
-        except RuntimeError:  # the event loop has closed: nobody waits for this answer any more
-            self.request.cancelled.set()
+        self.request = GenerationRequest(
+            prompt_ids, sampling, stop_ids, lambda update: outbox.put(self.updates, update)
+        )
 
     async def stream(self) -> AsyncIterator[Update]:
         while True:
@@ -131,8 +151,12 @@ async def read_body(request: Request, limit: int) -> bytes:
 def create_app(scheduler: BatchScheduler, chat_format: ChatFormat, settings: ServeSettings) -> FastAPI:
     """The app; its lifespan starts the scheduler thread and, at shutdown, drains it."""
 
+    outbox = _Outbox()
+    scheduler.after_step = outbox.flush
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        outbox.loop = asyncio.get_running_loop()
         scheduler.start()
         yield
         await asyncio.to_thread(scheduler.close)
@@ -187,7 +211,7 @@ def create_app(scheduler: BatchScheduler, chat_format: ChatFormat, settings: Ser
             seed=params.seed,
             stop=params.stop_strings(),
         )
-        job = _Job(asyncio.get_running_loop(), prompt_ids, sampling, chat_format.stop_ids)
+        job = _Job(outbox, prompt_ids, sampling, chat_format.stop_ids)
         try:
             scheduler.submit(job.request)
         except QueueFull as err:

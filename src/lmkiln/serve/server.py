@@ -10,9 +10,12 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from lmkiln.errors import LmkilnError
-from lmkiln.infer.batching import BatchScheduler
+
+if TYPE_CHECKING:  # importing it loads torch; `check_bind` answers before that
+    from lmkiln.infer.batching import BatchScheduler
 
 
 def is_loopback(host: str) -> bool:
