@@ -115,7 +115,7 @@ def run_serve(args) -> dict:
     log.info("serve: lmkiln serve and transformers serve, 1/4/8 streaming clients")
     if args.quick:
         return measure(args.corpus or "builtin:pydoc", rounds=1, requests=1, max_tokens=32)
-    return measure(args.corpus or "builtin:pydoc", rounds=2, requests=2, max_tokens=128)
+    return measure(args.corpus or "builtin:pydoc", rounds=2, requests=1, max_tokens=128)
 
 
 def run_memory(args) -> dict:

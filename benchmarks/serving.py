@@ -200,7 +200,7 @@ def run_candidate(command: list[str], prompts: list[str], requests: int, max_tok
                 proc.wait()
 
 
-def measure(corpus: str = "builtin:pydoc", rounds: int = 2, requests: int = 2, max_tokens: int = 128) -> dict:
+def measure(corpus: str = "builtin:pydoc", rounds: int = 2, requests: int = 1, max_tokens: int = 128) -> dict:
     """Each candidate `rounds` times, alternating; medians per concurrency and lmkiln's ratios."""
     model_dir = Path(tempfile.mkdtemp(prefix="lmkiln-bench-serve-"))
     prompts = build(corpus, model_dir)
@@ -266,10 +266,35 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+def main(argv: list[str] | None = None) -> None:
+    import argparse
     import json
 
-    report = measure()
-    print(json.dumps(report, indent=1))
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.serving", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--requests", type=int, default=1, help="streaming requests per client, one after another"
+    )
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--json", default="", help="also write the JSON report here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
+    from benchmarks.common import machine
+
+    report = {
+        "command": " ".join(["python -m benchmarks.serving", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine(),
+        **measure(rounds=args.rounds, requests=args.requests, max_tokens=args.max_tokens),
+    }
+    text = json.dumps(report, indent=1)
+    if args.json:
+        Path(args.json).write_text(text + "\n", encoding="utf-8")
+    print(text)
     print(table(report))
+
+
+if __name__ == "__main__":
+    main()

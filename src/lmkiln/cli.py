@@ -236,8 +236,12 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def load_chat_model(path: str, device: str):
-    """An lmkiln run (LoRA merged) or a local Hugging Face model directory, ready to converse."""
+def load_chat_model(path: str, device: str, max_context: int = 4096):
+    """An lmkiln run (LoRA merged) or a local Hugging Face model directory, ready to converse.
+
+    An imported model's context is capped at `max_context`: the server's batch cache holds that
+    many positions per row up front, and a Llama 3 config allows 131,072.
+    """
     from lmkiln.infer.chat import ChatModel
     from lmkiln.interop.hf_import import is_lmkiln_run, load_hf_model, local_directory
 
@@ -256,7 +260,7 @@ def load_chat_model(path: str, device: str):
             f"{directory} is neither an lmkiln run (no checkpoints/) nor a Hugging Face model "
             f"directory (no config.json)"
         )
-    imported = load_hf_model(directory, device=device)
+    imported = load_hf_model(directory, device=device, max_context=max_context or None)
     chat = imported.tokenizer.chat_template is not None
     return ChatModel(
         imported.model,
@@ -286,7 +290,7 @@ def cmd_chat(args: argparse.Namespace, extra: list[str]) -> int:
     from lmkiln.infer.batching import ContinuousBatcher
     from lmkiln.infer.chat import HELP, ChatFormat, ChatSession, chat_loop
 
-    chat_model = load_chat_model(args.run_dir, args.device)
+    chat_model = load_chat_model(args.run_dir, args.device, args.max_context)
     chat_format = ChatFormat.for_model(chat_model, args.mode)
     session = ChatSession(
         ContinuousBatcher(chat_model.model, chat_model.tokenizer, max_rows=1),
@@ -335,7 +339,7 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     from lmkiln.infer.chat import ChatFormat
     from lmkiln.serve.app import ServeSettings, create_app
 
-    chat_model = load_chat_model(args.run_dir, args.device)
+    chat_model = load_chat_model(args.run_dir, args.device, args.max_context)
     chat_format = ChatFormat.for_model(chat_model, args.mode)
     context = chat_model.model.cfg.block_size
     settings = ServeSettings(
@@ -362,7 +366,10 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"  OpenAI API: {url}/v1   chat page: {url}/   health: {url}/health", flush=True)
 
     def stopped() -> None:
-        print(f"server stopped; requests by outcome: {scheduler.stats()['finished']}", flush=True)
+        outcomes = ", ".join(
+            f"{reason} {count}" for reason, count in sorted(scheduler.stats()["finished"].items())
+        )
+        print(f"server stopped; requests by outcome: {outcomes or 'none'}", flush=True)
 
     app = create_app(scheduler, chat_format, settings)
     server.run(app, scheduler, sock, on_started=started, on_stopped=stopped)
@@ -570,6 +577,7 @@ def _sampling_options(parser: argparse.ArgumentParser) -> None:
 def _add_use_commands(sub: argparse._SubParsersAction) -> None:
     model_help = "run directory (or one of its checkpoints), or a local Hugging Face model directory"
     mode_help = "chat: the chat template; completion: continue plain text; auto: chat if trained for it"
+    context_help = "cap on an imported Hugging Face model's context in tokens (0: none)"
     chat = sub.add_parser(
         "chat",
         help="talk to a model in the terminal",
@@ -582,6 +590,7 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
     chat.add_argument("--system", help="system message to start with")
     _sampling_options(chat)
     chat.add_argument("--device", default="cpu")
+    chat.add_argument("--max-context", type=int, default=4096, help=context_help)
     chat.set_defaults(func=cmd_chat)
 
     serve = sub.add_parser(
@@ -609,6 +618,7 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size at most")
     serve.add_argument("--device", default="cpu")
+    serve.add_argument("--max-context", type=int, default=4096, help=context_help)
     serve.set_defaults(func=cmd_serve)
 
 

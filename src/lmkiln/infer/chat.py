@@ -23,6 +23,17 @@ from lmkiln.finetune.templates import ROLES, ChatTemplate, TemplateError, chat_t
 from lmkiln.infer.batching import ContinuousBatcher, GenerationRequest, Update, run_to_completion
 from lmkiln.infer.generate import Sampling
 
+# TemplateError is re-exported: the server catches it from here (one import site of the templates).
+__all__ = [
+    "ChatFormat",
+    "ChatModel",
+    "ChatSession",
+    "TemplateError",
+    "chat_loop",
+    "check_messages",
+    "fit_history",
+]
+
 
 @dataclass
 class ChatModel:

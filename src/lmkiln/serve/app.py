@@ -27,9 +27,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from lmkiln.finetune.templates import TemplateError
 from lmkiln.infer.batching import BatchScheduler, GenerationRequest, QueueFull, ShuttingDown, Update
-from lmkiln.infer.chat import ChatFormat
+from lmkiln.infer.chat import ChatFormat, TemplateError
 from lmkiln.infer.generate import Sampling
 from lmkiln.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse_body
 
