@@ -13,6 +13,7 @@ import pytest
 from serve_helpers import chat_run, request, start_server, stop_server
 
 openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.slow  # a live server (and a LoRA fine-tune) per module
 
 KEY = "test-key-123"
 PROMPTS = ["red cat", "sun moon tree", "dog", "blue green red"]

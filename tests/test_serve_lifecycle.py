@@ -19,6 +19,7 @@ from finetune_helpers import make_base
 from serve_helpers import request, start_server, stop_server
 
 NAME = "long-base"
+pytestmark = pytest.mark.slow  # a live server per module
 
 
 @pytest.fixture(scope="module")
