@@ -112,7 +112,9 @@ def lmkiln_run(
 
     cfg = lmkiln_config(shape, steps, [f"train.device={device.type}", f"train.seed={seed}", *extra])
     runtime = Runtime.start(cfg.train, cfg.dist)
-    model = build_model(cfg.model, runtime.device, cfg.train.seed, cfg.train.activation_checkpointing)
+    model = build_model(
+        cfg.model, runtime.device, cfg.train.seed, cfg.train.activation_checkpointing, cfg.train.cpu_matmul
+    )
     train_model = parallelize(model, cfg, runtime)
     optimizer = build_optimizer(model, cfg.optim)
     timed = Timed(model=model)

@@ -50,7 +50,7 @@ class TokenizerConfig:
     path: str = ""
     """For kind=file: a tokenizer.json file or a directory that holds one."""
     fast: bool = True
-    """Encode with the verified fast path (lmkiln's native encoder, else tiktoken, for byte-level BPE; a lookup table for characters) when available."""
+    """Encode with the verified fast path (tiktoken for byte-level BPE, a lookup table for characters; ids checked against tokenizers) when available."""
 
 
 @dataclass

@@ -30,7 +30,7 @@ import numpy as np
 
 from lmkiln.config import DataConfig
 from lmkiln.data.corpus import Document, iter_documents, source_fingerprints
-from lmkiln.data.fast_encode import FastPathMismatch, FlatIds, verified_encode_flat
+from lmkiln.data.fast_encode import FastPathMismatch, FlatIds
 from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.errors import LmkilnError
 
@@ -231,7 +231,7 @@ def _write_documents(
         pending = None
         for batch in chain(_batches(documents), [None]):
             if batch is not None:
-                future = pool.submit(verified_encode_flat, tokenizer, [d.text for d in batch])
+                future = pool.submit(tokenizer.encode_flat_verified, [d.text for d in batch])
             if pending is not None:
                 done_batch, done_future = pending
                 done_bytes = _route(done_batch, done_future.result(), data, tokenizer.eos_id, limit, writers)

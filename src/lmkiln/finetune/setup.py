@@ -38,6 +38,7 @@ from lmkiln.finetune.methods import (
     save_adapter,
 )
 from lmkiln.finetune.templates import chat_template_of
+from lmkiln.model.kernels import swap_linears
 from lmkiln.model.transformer import Transformer
 from lmkiln.train import checkpoint as ckpt
 from lmkiln.train.distributed import parallelize
@@ -269,6 +270,7 @@ def build_model(base: Base, cfg: Config, new_rows: list[int], labels: list[str],
     backbone.cfg = cfg.model
     if new_rows:
         resize_vocab(backbone, max(cfg.model.vocab_size, max(new_rows) + 1), new_rows)
+    swap_linears(backbone, cfg.train.cpu_matmul)  # before LoRA wraps the layers
     torch.manual_seed(cfg.train.seed)  # head and adapter initialisation
     if cfg.finetune.format == "classification":
         from lmkiln.finetune.classify import SequenceClassifier

@@ -7,7 +7,6 @@ ids count real tokens only, so every row is generated exactly as it would be alo
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +14,6 @@ from torch import nn
 
 from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.errors import LmkilnError
-from lmkiln.model.decode import decoding
 from lmkiln.model.transformer import KVCache
 
 
@@ -104,32 +102,29 @@ def generate_ids(
     can_finish = eos_id is not None or on_tokens is not None
     emitted = torch.full((B, steps), not can_finish, dtype=torch.bool, device=device)  # real output
     length = longest
-    with ExitStack() as stack:
-        for step in range(steps):
-            if step == 1 and cache is not None:  # the prompt is in the cache: one token per row from here
-                stack.enter_context(decoding(B, device, dtype))
-            start = cache.length if cache is not None else 0
-            inputs = {}
-            if padded:
-                inputs = {"attention_mask": mask[:, :length], "position_ids": positions[:, start:length]}
-            logits = model(ids[:, start:length], cache=cache, **inputs)
-            token = sample_next(logits[:, -1], sampling, generator)
-            length += 1
-            if not can_finish:  # nothing can end a row: every token is output
-                ids[:, length - 1] = token
-                continue
-            token = torch.where(finished, torch.full_like(token, pad_id), token)
-            is_eos = token == eos_id if eos_id is not None else torch.zeros_like(finished)
-            active = ~finished & ~is_eos  # rows whose token is real output
-            finished = finished | is_eos
+    for step in range(steps):
+        start = cache.length if cache is not None else 0
+        inputs = {}
+        if padded:
+            inputs = {"attention_mask": mask[:, :length], "position_ids": positions[:, start:length]}
+        logits = model(ids[:, start:length], cache=cache, **inputs)
+        token = sample_next(logits[:, -1], sampling, generator)
+        length += 1
+        if not can_finish:  # nothing can end a row: every token is output
             ids[:, length - 1] = token
-            emitted[:, step] = active
-            if on_tokens is not None:
-                stop_rows = on_tokens(token, active)
-                if stop_rows is not None:
-                    finished = finished | stop_rows
-            if bool(finished.all()):
-                break
+            continue
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        is_eos = token == eos_id if eos_id is not None else torch.zeros_like(finished)
+        active = ~finished & ~is_eos  # rows whose token is real output
+        finished = finished | is_eos
+        ids[:, length - 1] = token
+        emitted[:, step] = active
+        if on_tokens is not None:
+            stop_rows = on_tokens(token, active)
+            if stop_rows is not None:
+                finished = finished | stop_rows
+        if bool(finished.all()):
+            break
     new = ids[:, longest:length].tolist()
     keep = emitted[:, : length - longest].tolist()
     return [[t for t, k in zip(row, flags) if k] for row, flags in zip(new, keep)]

@@ -17,6 +17,7 @@ from lmkiln.data.prepare import TokenizerReport, build_tokenizer
 from lmkiln.data.shards import PrepareReport, TokenShards, is_shard_set, prepare_shards
 from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.errors import LmkilnError
+from lmkiln.model.kernels import swap_linears
 from lmkiln.model.transformer import Transformer, count_parameters, training_flops_per_token
 from lmkiln.train.distributed import parallelize
 from lmkiln.train.loop import FitResult, TrainLoop, TrainSetup, load_model_tensors, model_tensors
@@ -54,12 +55,16 @@ def resolve_vocab(cfg: ModelConfig, tokenizer: Tokenizer) -> None:
 
 
 def build_model(
-    cfg: ModelConfig, device: torch.device, seed: int, checkpoint_activations: bool = False
+    cfg: ModelConfig,
+    device: torch.device,
+    seed: int,
+    checkpoint_activations: bool = False,
+    cpu_matmul: str = "auto",
 ) -> Transformer:
     torch.manual_seed(seed)  # the same seed gives the same initial weights on every rank
     model = Transformer(cfg).to(device)
     model.checkpoint_activations = checkpoint_activations
-    return model
+    return swap_linears(model, cpu_matmul)
 
 
 def lm_evaluator(shards: TokenShards, cfg: Config, eos_id: int | None):
@@ -253,7 +258,9 @@ def pretrain(
     shards = shard_report.shards
     shards.check_tokenizer(tokenizer)
 
-    model = build_model(cfg.model, runtime.device, cfg.train.seed, cfg.train.activation_checkpointing)
+    model = build_model(
+        cfg.model, runtime.device, cfg.train.seed, cfg.train.activation_checkpointing, cfg.train.cpu_matmul
+    )
     if initial is not None:
         load_model_tensors(model, initial, cfg.train.init_from)
     if runtime.is_main:
