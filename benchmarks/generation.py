@@ -64,7 +64,7 @@ def build(corpus: str) -> tuple:
         bias=True,
     )
     torch.manual_seed(0)
-    model = swap_linears(Transformer(cfg).eval(), "auto")  # as lmkiln.infer.load does
+    model = swap_linears(Transformer(cfg).eval(), "auto")  # as lmkiln.runs.load does
     out = tempfile.mkdtemp(prefix="lmkiln-bench-export-")
     export_model(model, tok, out)
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True).eval()
@@ -74,7 +74,7 @@ def build(corpus: str) -> tuple:
 
 
 def measure(corpus: str, new_tokens: int, rounds: int) -> dict:
-    from lmkiln.infer.generate import Sampling, generate_ids
+    from lmkiln.model.generate import Sampling, generate_ids
 
     model, hf, tok, prompts, cfg = build(corpus)
     sampling = Sampling(max_new_tokens=new_tokens, temperature=0.0)

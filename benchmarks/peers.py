@@ -103,16 +103,16 @@ def lmkiln_run(
     """Train through lmkiln's TrainLoop (no run directory: nothing is written) and time every step."""
     from lmkiln.data.loader import RandomWindows
     from lmkiln.model.transformer import training_flops_per_token
+    from lmkiln.tasks.pretrain import build_transformer
     from lmkiln.train.distributed import parallelize
     from lmkiln.train.loop import TrainLoop, TrainSetup
     from lmkiln.train.objectives import LanguageModelLoss
     from lmkiln.train.optim import build_optimizer
-    from lmkiln.train.pretrain import build_model
     from lmkiln.train.runtime import Runtime
 
     cfg = lmkiln_config(shape, steps, [f"train.device={device.type}", f"train.seed={seed}", *extra])
     runtime = Runtime.start(cfg.train, cfg.dist)
-    model = build_model(
+    model = build_transformer(
         cfg.model, runtime.device, cfg.train.seed, cfg.train.activation_checkpointing, cfg.train.cpu_matmul
     )
     train_model = parallelize(model, cfg, runtime)

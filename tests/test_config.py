@@ -137,13 +137,13 @@ def test_supervised_literal_choices_match_the_registries():
     import typing
 
     from lmkiln.model.mlp import ACTIVATIONS
-    from lmkiln.tasks import TASKS
+    from lmkiln.tasks import TASK_RUNNERS
     from lmkiln.train.objectives import LOSS_KINDS, SUPERVISED_LOSSES
 
     keys = all_keys()
     assert set(typing.get_args(keys["loss.name"])) == set(SUPERVISED_LOSSES) == set(LOSS_KINDS)
     assert set(typing.get_args(keys["mlp.activation"])) == set(ACTIVATIONS)
-    assert set(typing.get_args(keys["task"])) == set(TASKS)
+    assert set(typing.get_args(keys["task"])) == set(TASK_RUNNERS)
 
 
 def test_presets_are_valid_configs():
@@ -165,9 +165,9 @@ def test_override_syntax_errors():
 def test_finetune_choices_match_the_registries():
     import typing
 
-    from lmkiln.eval.runner import TASKS as EVAL_TASKS
-    from lmkiln.finetune.classify import POOLING
-    from lmkiln.finetune.formats import FORMATS
+    from lmkiln.data.formats import FORMATS
+    from lmkiln.eval.runner import EVAL_TASKS
+    from lmkiln.model.classifier import POOLING
 
     keys = all_keys()
     assert set(typing.get_args(keys["finetune.format"])) == set(FORMATS) == set(EVAL_TASKS) - {"perplexity"}

@@ -18,8 +18,8 @@ from test_train import synthetic_corpus
 
 from lmkiln.config import from_dict
 from lmkiln.model.transformer import Transformer
-from lmkiln.train import checkpoint as ckpt
-from lmkiln.train.distributed import consolidate
+from lmkiln.runs import checkpoint as ckpt
+from lmkiln.runs.dcp import consolidate
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ENV = {"OMP_NUM_THREADS": "1"}

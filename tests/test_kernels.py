@@ -133,9 +133,9 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 @onednn
 def test_train_cpu_matmul_reaches_the_model_built_for_training():
-    from lmkiln.train.pretrain import build_model
+    from lmkiln.tasks.pretrain import build_transformer
 
     cfg = ModelConfig(vocab_size=97, d_model=32, n_head=4, n_layer=1, block_size=16)
     for choice, kind in (("onednn", kernels.OneDNNLinear), ("default", torch.nn.Linear)):
-        model = build_model(cfg, torch.device("cpu"), 0, cpu_matmul=choice)
+        model = build_transformer(cfg, torch.device("cpu"), 0, cpu_matmul=choice)
         assert {type(m) for m in model.modules() if isinstance(m, torch.nn.Linear)} == {kind}

@@ -102,7 +102,7 @@ def test_example_scripts_reach_their_accuracy(tmp_path, script, floor):
 
 
 def test_csv_text_labels_classification(tmp_path):
-    from lmkiln.train.tabular import train_table
+    from lmkiln.tasks.supervised import train_table
 
     a, b = make_rows()
     names = np.where(a + b > 0.5, "high", np.where(a + b < -0.5, "low", "mid"))
@@ -120,7 +120,7 @@ def test_parquet_regression_and_multilabel(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    from lmkiln.train.tabular import train_table
+    from lmkiln.tasks.supervised import train_table
 
     a, b = make_rows(300, seed=1)
     table = {"a": a, "b": b, "y": 2 * a - b, "p": (a > 0).astype(int), "q": (b > 0).astype(int)}

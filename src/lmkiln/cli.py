@@ -106,7 +106,7 @@ def cmd_tokenizer_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace, extra: list[str]) -> int:
-    from lmkiln.train.pretrain import prepare_data
+    from lmkiln.data.prepare import prepare_data
 
     cfg = _load(args, extra)
     if args.print_config:
@@ -208,8 +208,9 @@ def _recipe_args(args) -> str:
 def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise LmkilnError(f"unexpected arguments: {_quote(extra)}")
-    from lmkiln.infer.generate import Sampling, generate_text
-    from lmkiln.infer.load import load_run
+    from lmkiln.infer.generate import generate_text
+    from lmkiln.model.generate import Sampling
+    from lmkiln.runs.load import load_run
 
     loaded = load_run(args.run_dir, device=args.device)
     sampling = Sampling(
@@ -291,7 +292,7 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
     )
     print(f"  {report.out_dir}/: {', '.join(report.files)}")
     if args.verify:
-        from lmkiln.infer.load import load_run
+        from lmkiln.runs.load import load_run
 
         loaded = load_run(args.run_dir)
         check = verify_export(loaded.model, loaded.tokenizer, report.out_dir, args.dtype)
@@ -313,7 +314,7 @@ def _read_texts(path: str, field: str, id_field: str | None) -> tuple[list[str],
     """Texts (and ids) from a .jsonl file (one object per line) or a .txt file (one text per line)."""
     from pathlib import Path
 
-    from lmkiln.interop.encoders import read_jsonl, require_text
+    from lmkiln.encoders.data import read_jsonl, require_text
 
     if Path(path).suffix.lower() == ".txt":
         from lmkiln.data.corpus import iter_documents
@@ -328,7 +329,8 @@ def _read_texts(path: str, field: str, id_field: str | None) -> tuple[list[str],
 def cmd_embed(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise LmkilnError(f"unexpected arguments: {_quote(extra)}")
-    from lmkiln.interop.encoders import embed_texts, load_encoder, write_embeddings
+    from lmkiln.encoders.model import load_encoder
+    from lmkiln.encoders.retrieval import embed_texts, write_embeddings
 
     texts, ids = _read_texts(args.data, args.field, args.id_field)
     loaded = load_encoder(args.model, pooling=args.pooling)
@@ -349,7 +351,9 @@ def cmd_eval_retrieval(args: argparse.Namespace, extra: list[str]) -> int:
         raise LmkilnError(f"unexpected arguments: {_quote(extra)}")
     import json
 
-    from lmkiln.interop.encoders import evaluate_pairs, load_encoder, read_jsonl, require_text
+    from lmkiln.encoders.data import read_jsonl, require_text
+    from lmkiln.encoders.model import load_encoder
+    from lmkiln.encoders.retrieval import evaluate_pairs
 
     rows = read_jsonl(args.pairs, (args.query_field, args.positive_field))
     queries = [require_text(r, args.query_field, args.pairs) for r in rows]

@@ -33,6 +33,7 @@ from lmkiln.data.corpus import Document, iter_documents, source_fingerprints
 from lmkiln.data.fast_encode import FastPathMismatch, FlatIds
 from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.errors import LmkilnError
+from lmkiln.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -307,14 +308,6 @@ def _move_tail_to_validation(writers: dict[str, _SplitWriter], fraction: float, 
     train.bytes = total_bytes - val.bytes
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove_stale_tmp(final: Path) -> None:
     for tmp in final.parent.glob(final.name + ".tmp-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
@@ -372,7 +365,7 @@ def prepare_shards(
         os.rename(tmp, final)
     except OSError:  # another process finished the same set first; theirs is as good as ours
         shutil.rmtree(tmp, ignore_errors=True)
-    _fsync_dir(root)
+    fsync_dir(root)
     megabytes = (manifest["splits"]["train"]["bytes"] + manifest["splits"]["val"]["bytes"]) / 1e6
     return PrepareReport(TokenShards(final), cached=False, seconds=seconds, megabytes=megabytes)
 
@@ -426,5 +419,5 @@ def _build(
         json.dump(manifest, fh, indent=2)
         fh.flush()
         os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     return manifest

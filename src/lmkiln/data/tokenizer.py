@@ -31,7 +31,7 @@ SPECIAL_TOKENS = [EOS, PAD, BOS, IM_START, IM_END, *RESERVED]
 """Special tokens of every tokenizer lmkiln trains; they get ids 0..8."""
 
 # ChatML, the template stored with every trained tokenizer; rendered by jinja2 in transformers
-# and by lmkiln.finetune.templates with the same result.
+# and by lmkiln.data.templates with the same result.
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
     " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"

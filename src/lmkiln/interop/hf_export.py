@@ -180,7 +180,7 @@ def export_run(
     overwrite: bool = False,
 ) -> ExportReport:
     """Export the newest checkpoint of a run (or the given checkpoint directory)."""
-    from lmkiln.infer.load import load_run
+    from lmkiln.runs.load import load_run
 
     start = time.perf_counter()
     loaded = load_run(run_dir)
@@ -250,7 +250,7 @@ def verify_export(
         worst = max(worst, diff)
     template_equal = True
     if tokenizer.chat_template:
-        from lmkiln.interop.hf_import import render_chat
+        from lmkiln.data.templates import render_chat
 
         rendered = hf_tok.apply_chat_template(PROBE_CHAT, tokenize=False, add_generation_prompt=True)
         template_equal = rendered == render_chat(tokenizer.chat_template, PROBE_CHAT, True)

@@ -155,7 +155,9 @@ class Attention(nn.Module):
         return self.wo(y)
 
 
-class MLP(nn.Module):
+class FeedForward(nn.Module):
+    """The feed-forward block of a transformer layer: SwiGLU (Llama) or GELU (GPT-2)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
@@ -182,7 +184,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.norm1, self.attn = make_norm(cfg), Attention(cfg)
-        self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+        self.norm2, self.mlp = make_norm(cfg), FeedForward(cfg)
         self.drop = make_dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope, mask, cache: KVCache | None, layer: int) -> torch.Tensor:

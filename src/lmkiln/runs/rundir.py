@@ -12,19 +12,46 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
-from lmkiln.config import Config, flatten, to_dict, to_yaml
+from lmkiln.data.tokenizer import Tokenizer
+from lmkiln.config import Config, flatten, from_dict, to_dict, to_yaml
 from lmkiln.errors import LmkilnError
-from lmkiln.train.checkpoint import list_checkpoints
+from lmkiln.files import write_atomic
+from lmkiln.runs.checkpoint import list_checkpoints
 
 CONFIG_FILE = "config.yaml"
 
 
 def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.train.run_dir or Path("runs") / cfg.name)
+
+
+def saved_config(values: dict, source: str) -> Config:
+    """The config a run saved (config.yaml, trainer.json), as a Config."""
+    return from_dict(values, source)
+
+
+def open_run_dir(
+    cfg: Config,
+    *,
+    is_main: bool = True,
+    barrier: Callable[[str], None] = lambda name: None,
+    resume: str | None = None,
+    overwrite: bool = False,
+    tokenizer: Tokenizer | None = None,
+) -> Path:
+    """The run directory of every task: the main process prepares it (and saves the tokenizer),
+    then every process meets at a barrier and gets the same path."""
+    if is_main:
+        path = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
+        if tokenizer is not None:
+            tokenizer.save(path / "tokenizer")
+    barrier("run directory")
+    return run_dir_of(cfg)
 
 
 def _config_changes(saved: dict, new: dict) -> list[str]:
@@ -74,9 +101,7 @@ def prepare_run_dir(cfg: Config, resume: str | None = None, overwrite: bool = Fa
         probe = path / f".write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
-        tmp = config_file.with_suffix(".yaml.tmp")
-        tmp.write_text(to_yaml(cfg), encoding="utf-8")
-        tmp.replace(config_file)
+        write_atomic(config_file, to_yaml(cfg))
     except OSError as err:
         raise LmkilnError(
             f"cannot write to the run directory {path}: {err.strerror or err}; "

@@ -242,7 +242,7 @@ def _languages(values: dict[str, str], cfg: FinetuneConfig, location: str) -> No
 
 
 def _messages(row: dict[str, Any], names: dict[str, str], location: str) -> list[dict[str, str]]:
-    from lmkiln.finetune.templates import TemplateError, check_roles
+    from lmkiln.data.templates import TemplateError, check_roles
 
     raw = _get(row, "messages", names, location, True)
     if isinstance(raw, str):  # CSV cells hold the conversation as JSON text

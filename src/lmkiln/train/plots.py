@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from lmkiln.files import atomic_path
+
 
 def plot_confusion_matrix(
     confusion: torch.Tensor, path: Path, class_names: list[str] | None = None, title: str = ""
@@ -48,9 +50,9 @@ def save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
     return path

@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmkiln.errors import LmkilnError
+from lmkiln.files import fsync_dir, fsync_file
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +63,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, value: Any) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(value, fh, indent=1)
@@ -81,7 +74,7 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file(
         {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata={"format": "pt"}
     )
-    _fsync(path)
+    fsync_file(path)
 
 
 @dataclass
@@ -149,12 +142,12 @@ class CheckpointWriter:
             _reached("before_manifest")
             _write_json(self.tmp / MANIFEST, {"format": FORMAT, "step": self.step, "files": files})
             for directory in [p for p in self.tmp.rglob("*") if p.is_dir()] + [self.tmp]:
-                _fsync(directory)
+                fsync_dir(directory)
             _reached("before_rename")
             if self.final.exists():  # a stale copy of this step (e.g. from a rolled-back run) is replaced
                 shutil.rmtree(self.final)
             os.rename(self.tmp, self.final)
-            _fsync(self.root)
+            fsync_dir(self.root)
         self.barrier("checkpoint commit")
         return self.final
 

@@ -258,3 +258,10 @@ def chat_template_of(tokenizer: Tokenizer) -> ChatTemplate:
     return ChatTemplate(
         tokenizer.chat_template or CHATML_TEMPLATE, tokenizer.bos_token or "", tokenizer.eos_token or ""
     )
+
+
+def render_chat(
+    template: str, messages: list[dict], add_generation_prompt: bool = False, **tokens: str
+) -> str:
+    """Render a chat template as text, the way transformers' `apply_chat_template` does."""
+    return render(template, messages=messages, add_generation_prompt=add_generation_prompt, **tokens)

@@ -1,29 +1,33 @@
-"""Language-model pretraining: corpus → tokenizer → shards → transformer → the training loop."""
+"""Language-model pretraining: corpus → tokenizer → shards → transformer → the training loop.
+
+The task that `lmkiln train` runs by default. It may start from another run or a Hugging Face
+model (`train.init_from`, through `lmkiln.interop`), and ends with a sample (`lmkiln.infer`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lmkiln.config import Config, ModelConfig, validate
+from lmkiln.config import Config, ModelConfig, ResolvedConfig, resolve
 from lmkiln.data.loader import RandomWindows, eval_windows
-from lmkiln.data.prepare import TokenizerReport, build_tokenizer
-from lmkiln.data.shards import PrepareReport, TokenShards, is_shard_set, prepare_shards
+from lmkiln.data.prepare import TokenizerReport, prepare_data
+from lmkiln.data.shards import PrepareReport, TokenShards
 from lmkiln.data.tokenizer import Tokenizer
-from lmkiln.errors import LmkilnError
 from lmkiln.model.kernels import swap_linears
 from lmkiln.model.transformer import Transformer, count_parameters, training_flops_per_token
+from lmkiln.runs.rundir import open_run_dir
+from lmkiln.runs.tensors import load_model_tensors, model_tensors
 from lmkiln.train.distributed import parallelize
-from lmkiln.train.loop import FitResult, TrainLoop, TrainSetup, load_model_tensors, model_tensors
+from lmkiln.train.evaluate import Evaluator, lm_evaluator
+from lmkiln.train.loop import FitResult, TrainLoop, TrainSetup
 from lmkiln.train.objectives import LanguageModelLoss
 from lmkiln.train.optim import build_optimizer
-from lmkiln.train.run import prepare_run_dir, run_dir_of
 from lmkiln.train.runtime import Runtime
 
 log = logging.getLogger("lmkiln")
@@ -44,60 +48,28 @@ SHAPE_FIELDS = (
 )
 
 
-def resolve_vocab(cfg: ModelConfig, tokenizer: Tokenizer) -> None:
-    if cfg.vocab_size == 0:
-        cfg.vocab_size = tokenizer.vocab_size
-    elif cfg.vocab_size < tokenizer.vocab_size:
-        raise LmkilnError(
-            f"model.vocab_size {cfg.vocab_size} is smaller than the tokenizer's vocabulary "
-            f"({tokenizer.vocab_size}); set it to 0 to use the tokenizer's size"
-        )
-
-
-def build_model(
+def build_transformer(
     cfg: ModelConfig,
     device: torch.device,
     seed: int,
     checkpoint_activations: bool = False,
     cpu_matmul: str = "auto",
 ) -> Transformer:
+    """A freshly initialised Transformer for training, its Linear layers on the chosen CPU GEMM."""
     torch.manual_seed(seed)  # the same seed gives the same initial weights on every rank
     model = Transformer(cfg).to(device)
     model.checkpoint_activations = checkpoint_activations
     return swap_linears(model, cpu_matmul)
 
 
-def lm_evaluator(shards: TokenShards, cfg: Config, eos_id: int | None):
-    """Validation loss, perplexity and bits per byte over fixed windows, sharded across ranks."""
+def validation_evaluator(shards: TokenShards, run: ResolvedConfig, eos_id: int | None) -> Evaluator | None:
+    """Validation loss, perplexity and bits per byte over fixed windows of the validation split."""
     arrays = shards.arrays("val")
-    bytes_per_token = shards.bytes_per_token("val")
-    micro = cfg.train.micro_batch_size or cfg.train.batch_size
-
-    def evaluate(model: nn.Module, runtime: Runtime) -> dict[str, float]:
-        loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
-        count = torch.zeros((), device=runtime.device, dtype=torch.float64)
-        objective = LanguageModelLoss()
-        batches = list(eval_windows(arrays, cfg.train.seq_len, micro, cfg.train.eval_tokens, eos_id))
-        # Ranks take turns; all run the same number of forwards (FSDP's forward is a collective),
-        # a rank without a batch of its own repeats the first one with zero weight.
-        rounds = -(-len(batches) // runtime.world_size)
-        for turn in range(rounds):
-            index = turn * runtime.world_size + runtime.rank
-            batch = {k: v.to(runtime.device) for k, v in batches[min(index, len(batches) - 1)].items()}
-            loss, n = objective(model, batch).double(), objective.count(batch).double()
-            if index < len(batches):
-                loss_sum += loss
-                count += n
-        runtime.all_reduce_sum(loss_sum, "validation loss sum")
-        runtime.all_reduce_sum(count, "validation target count")
-        loss = (loss_sum / count.clamp(min=1)).item()
-        return {
-            "val_loss": loss,
-            "val_ppl": math.exp(min(loss, 50.0)),
-            "val_bpb": loss / math.log(2) / bytes_per_token,
-        }
-
-    return evaluate if sum(len(a) for a in arrays) >= 2 else None
+    if sum(len(a) for a in arrays) < 2:
+        return None
+    t = run.train
+    batches = list(eval_windows(arrays, t.seq_len, run.batch.micro_batch_size, t.eval_tokens, eos_id))
+    return lm_evaluator(batches, shards.bytes_per_token("val"))
 
 
 @dataclass
@@ -113,7 +85,8 @@ class PretrainResult:
 
     def summary(self) -> str:
         """Figures of the run and a short sample, as `lmkiln train` prints them."""
-        from lmkiln.infer.generate import Sampling, generate_text
+        from lmkiln.infer.generate import generate_text
+        from lmkiln.model.generate import Sampling
         from lmkiln.train.observe import format_count, format_duration
 
         fit, state = self.fit, self.fit.state
@@ -202,35 +175,25 @@ def _describe(
     )
 
 
-def adopt_init_from(cfg: Config) -> dict[str, torch.Tensor]:
-    """Take model shape and tokenizer from cfg.train.init_from and return its weights.
+def adopt_init_from(cfg: Config) -> tuple[Config, dict[str, torch.Tensor]]:
+    """Model shape and tokenizer from cfg.train.init_from, and its weights.
 
-    The config is rewritten (model section, tokenizer.kind=file) so that the saved config.yaml
-    says exactly what was trained and the shards are prepared with the source's tokenizer.
+    Returns a new config whose model section is the source's (model.dropout stays yours) and
+    whose tokenizer is the source's file, so the shards are prepared with it and the saved
+    config.yaml says exactly what was trained; `cfg` itself is not changed.
     """
     from lmkiln.interop.hf_import import load_pretrained, tokenizer_directory
 
     source = load_pretrained(cfg.train.init_from)
-    cfg.model = dataclasses.replace(source.config, dropout=cfg.model.dropout)
-    cfg.tokenizer.kind, cfg.tokenizer.path = "file", str(tokenizer_directory(cfg.train.init_from))
-    validate(cfg)
+    derived = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(source.config, dropout=cfg.model.dropout),
+        tokenizer=dataclasses.replace(
+            cfg.tokenizer, kind="file", path=str(tokenizer_directory(cfg.train.init_from))
+        ),
+    )
     log.info("starting from %s (%s)", cfg.train.init_from, source.architecture)
-    return model_tensors(source.model)
-
-
-def prepare_data(cfg: Config) -> tuple[TokenizerReport, PrepareReport]:
-    """The tokenizer and the shards of a config; a prepared shard set is used as it is."""
-    if is_shard_set(cfg.data.corpus):
-        shards = TokenShards(Path(cfg.data.corpus).expanduser())
-        if cfg.tokenizer.kind == "file":
-            report = build_tokenizer(cfg)
-        else:
-            tokenizer = Tokenizer.load(shards.directory / "tokenizer", fast=cfg.tokenizer.fast)
-            report = TokenizerReport(tokenizer, True, 0.0, float("nan"))
-        shards.check_tokenizer(report.tokenizer)
-        return report, PrepareReport(shards, cached=True, seconds=0.0, megabytes=0.0)
-    report = build_tokenizer(cfg)
-    return report, prepare_shards(cfg.data, report.tokenizer)
+    return derived, model_tensors(source.model)
 
 
 def pretrain(
@@ -241,48 +204,41 @@ def pretrain(
     runtime: Runtime | None = None,
 ) -> PretrainResult:
     runtime = runtime or Runtime.start(cfg.train, cfg.dist)
-    initial = adopt_init_from(cfg) if cfg.train.init_from else None
-    tok_report = shard_report = None
+    source, initial = adopt_init_from(cfg) if cfg.train.init_from else (cfg, None)
+    # the main process prepares tokenizer and shards; the others then open the same cached files
     if runtime.is_main:
-        tok_report, shard_report = prepare_data(cfg)
-        tokenizer = tok_report.tokenizer
-        resolve_vocab(cfg.model, tokenizer)
-        run_dir = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
-        tokenizer.save(run_dir / "tokenizer")
-    runtime.barrier()
-    if not runtime.is_main:  # the main process prepared everything; the others open the same files
-        tok_report, shard_report = prepare_data(cfg)
-        tokenizer = tok_report.tokenizer
-        resolve_vocab(cfg.model, tokenizer)
-        run_dir = run_dir_of(cfg)
-    shards = shard_report.shards
+        tok_report, shard_report = prepare_data(source)
+    runtime.barrier("data preparation")
+    if not runtime.is_main:
+        tok_report, shard_report = prepare_data(source)
+    tokenizer, shards = tok_report.tokenizer, shard_report.shards
     shards.check_tokenizer(tokenizer)
-
-    model = build_model(
-        cfg.model, runtime.device, cfg.train.seed, cfg.train.activation_checkpointing, cfg.train.cpu_matmul
+    run = resolve(source, runtime.world_size, vocab_size=tokenizer.vocab_size)
+    cfg = run.cfg
+    run_dir = open_run_dir(
+        cfg,
+        is_main=runtime.is_main,
+        barrier=runtime.barrier,
+        resume=resume,
+        overwrite=overwrite,
+        tokenizer=tokenizer,
     )
+    t = cfg.train
+    model = build_transformer(cfg.model, runtime.device, t.seed, t.activation_checkpointing, t.cpu_matmul)
     if initial is not None:
-        load_model_tensors(model, initial, cfg.train.init_from)
+        load_model_tensors(model, initial, t.init_from)
     if runtime.is_main:
         _describe(cfg, runtime, tok_report, shard_report, model, run_dir)
     train_model = parallelize(model, cfg, runtime)  # before the optimizer: FSDP2 shards parameters
-    optimizer = build_optimizer(model, cfg.optim)
-    micro = cfg.train.micro_batch_size or cfg.train.batch_size
     eos = tokenizer.eos_id if cfg.data.document_mask else None
+    micro = run.batch.micro_batch_size
     batches = RandomWindows(
-        shards.arrays("train"),
-        cfg.train.seq_len,
-        micro,
-        cfg.train.seed,
-        runtime.rank,
-        eos,
-        world_size=runtime.world_size,
+        shards.arrays("train"), t.seq_len, micro, t.seed, runtime.rank, eos, world_size=runtime.world_size
     )
-    evaluate = lm_evaluator(shards, cfg, eos)
     fingerprint = {
-        "train.batch_size": cfg.train.batch_size,
+        "train.batch_size": t.batch_size,
         "train.micro_batch_size": micro,
-        "train.seq_len": cfg.train.seq_len,
+        "train.seq_len": t.seq_len,
         "world_size": runtime.world_size,
         "dist.strategy": cfg.dist.strategy if runtime.distributed else "single",
         "tokenizer": tokenizer.fingerprint[:16],
@@ -294,18 +250,18 @@ def pretrain(
         train_model=train_model,
         objective=LanguageModelLoss(),
         train_batches=batches,
-        optimizer=optimizer,
-        total_steps=cfg.train.max_steps,
-        evaluate=evaluate,
+        optimizer=build_optimizer(model, cfg.optim),
+        total_steps=run.total_steps,
+        evaluate=validation_evaluator(shards, run, eos),
         fingerprint=fingerprint,
-        flops_per_token=training_flops_per_token(cfg.model, cfg.train.seq_len),
+        flops_per_token=training_flops_per_token(cfg.model, t.seq_len),
     )
-    trainer = TrainLoop(setup, cfg, runtime, run_dir)
+    trainer = TrainLoop(setup, run, runtime, run_dir)
     result = trainer.fit(resume=resume, force=force)
     if (
         trainer.sharded and runtime.is_main
     ):  # hand back plain weights (the final checkpoint consolidated them)
-        from lmkiln.infer.load import load_run
+        from lmkiln.runs.load import load_run
 
         model = load_run(run_dir, device=str(runtime.device)).model
     return PretrainResult(

@@ -3,7 +3,7 @@
     lmkiln train --recipe encoder-retrieval --encoder.base DIR --encoder.data pairs.jsonl
 
 JSONL rows → tokenized once → epoch batches (every example once per epoch, resumable) → the
-one training loop with `ContrastiveLoss` or `ClassificationLoss` → the best (or last) weights
+one training loop with `ContrastiveLoss` or the shared `ClassificationLoss` → the best (or last) weights
 saved in Hugging Face format to RUN_DIR/model, reusable by `lmkiln embed`, transformers and
 sentence-transformers.
 """
@@ -18,27 +18,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmkiln.config import Config
+from lmkiln.config import Config, ResolvedConfig, resolve
 from lmkiln.data.loader import IGNORE_INDEX, epoch_stream
 from lmkiln.data.shards import held_out
+from lmkiln.encoders.data import label_names, pad_rows, read_jsonl, require_text, tokenize
+from lmkiln.encoders.model import load_encoder, save_encoder
+from lmkiln.encoders.retrieval import ContrastiveLoss, evaluate_pairs
 from lmkiln.errors import LmkilnError
-from lmkiln.interop.encoders import (
-    ClassificationLoss,
-    ContrastiveLoss,
-    evaluate_pairs,
-    label_names,
-    load_encoder,
-    pad_rows,
-    read_jsonl,
-    require_text,
-    save_encoder,
-    tokenize,
-)
-from lmkiln.train import checkpoint as ckpt
+from lmkiln.runs.rundir import open_run_dir
 from lmkiln.train.distributed import parallelize
-from lmkiln.train.loop import FitResult, TrainLoop, TrainSetup, load_model_tensors
+from lmkiln.train.evaluate import Evaluator, classification_evaluator
+from lmkiln.train.loop import FitResult, TrainLoop, TrainSetup
+from lmkiln.train.objectives import ClassificationLoss
 from lmkiln.train.optim import build_optimizer
-from lmkiln.train.run import prepare_run_dir, run_dir_of
 from lmkiln.train.runtime import Runtime
 
 log = logging.getLogger("lmkiln")
@@ -146,8 +138,11 @@ def _mask_tokens(batch: dict[str, torch.Tensor]) -> int:
 # Evaluation
 
 
-def retrieval_evaluator(val: Examples, cfg: Config, tokenizer: Any, objective: ContrastiveLoss, collate):
-    e, micro = cfg.encoder, cfg.train.micro_batch_size or cfg.train.batch_size
+def retrieval_evaluator(
+    val: Examples, run: ResolvedConfig, tokenizer: Any, objective: ContrastiveLoss, collate
+) -> Evaluator:
+    """val_loss (contrastive), val_recall@1/5/10 and val_mrr over the validation pairs."""
+    e, micro = run.cfg.encoder, run.batch.micro_batch_size
     queries, positives = val.texts[e.query_field], val.texts[e.positive_field]
 
     def evaluate(model: nn.Module, runtime: Runtime) -> dict[str, float]:
@@ -171,28 +166,8 @@ def retrieval_evaluator(val: Examples, cfg: Config, tokenizer: Any, objective: C
     return evaluate
 
 
-def classification_evaluator(val: Examples, cfg: Config, collate, n_labels: int):
-    from lmkiln.eval.metrics import classification_metrics
-
-    micro = cfg.train.micro_batch_size or cfg.train.batch_size
-
-    def evaluate(model: nn.Module, runtime: Runtime) -> dict[str, float]:
-        total, predicted, target = 0.0, [], []
-        for start in range(0, len(val), micro):
-            batch = collate(list(range(start, min(start + micro, len(val)))))
-            batch = {k: v.to(runtime.device) for k, v in batch.items()}
-            logits = model(batch["input_ids"], batch["attention_mask"]).float()
-            total += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
-            predicted.append(logits.argmax(-1).cpu())
-            target.append(batch["labels"].cpu())
-        found = classification_metrics(torch.cat(predicted), torch.cat(target), n_labels)
-        return {
-            "val_loss": total / len(val),
-            "val_accuracy": found["accuracy"],
-            "val_f1_macro": found["f1_macro"],
-        }
-
-    return evaluate
+def _val_batches(val: Examples, micro: int, collate) -> list[dict[str, torch.Tensor]]:
+    return [collate(list(range(start, min(start + micro, len(val))))) for start in range(0, len(val), micro)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,16 +211,6 @@ class EncoderResult:
         return "\n".join(lines)
 
 
-def _restore_best(model: nn.Module, fit: FitResult, run_dir: Path) -> int:
-    """Load the best checkpoint's weights when the loop kept one; returns the step saved."""
-    best = fit.state.best_step
-    path = run_dir / "checkpoints" / ckpt.checkpoint_name(best) if best >= 0 else None
-    if path is None or not path.is_dir() or best == fit.state.step:
-        return fit.state.step
-    load_model_tensors(model, ckpt.read_checkpoint(path).model, str(path))
-    return best
-
-
 def train_encoder(
     cfg: Config,
     resume: str | None = None,
@@ -264,6 +229,7 @@ def train_encoder(
         )
     runtime = runtime or Runtime.start(cfg.train, cfg.dist)
     train, val, names = read_examples(cfg)
+    run = resolve(cfg, runtime.world_size, examples=len(train))
     retrieval = e.objective == "retrieval"
     torch.manual_seed(cfg.train.seed)  # the classification head's initial weights
     loaded = load_encoder(e.base, pooling=e.pooling, n_labels=len(names), dropout=e.classifier_dropout)
@@ -274,24 +240,23 @@ def train_encoder(
     def make(examples: Examples):
         return collate_for(examples, cfg, tokenizer, pad_id)
 
-    micro = cfg.train.micro_batch_size or cfg.train.batch_size
-    batches, total = epoch_stream(len(train), cfg.train, runtime.rank, runtime.world_size, make(train))
+    micro = run.batch.micro_batch_size
+    batches = epoch_stream(len(train), run.batch, cfg.train.seed, runtime.rank, make(train))
     evaluate = None
-    if len(val):
-        evaluate = (
-            retrieval_evaluator(val, cfg, tokenizer, objective, make(val))
-            if retrieval
-            else classification_evaluator(val, cfg, make(val), len(names))
-        )
-    run_dir = prepare_run_dir(cfg, resume=resume, overwrite=overwrite) if runtime.is_main else run_dir_of(cfg)
-    runtime.barrier()
+    if len(val) and retrieval:
+        evaluate = retrieval_evaluator(val, run, tokenizer, objective, make(val))
+    elif len(val):
+        evaluate = classification_evaluator(_val_batches(val, micro, make(val)), len(names))
+    run_dir = open_run_dir(
+        cfg, is_main=runtime.is_main, barrier=runtime.barrier, resume=resume, overwrite=overwrite
+    )
     log.info(
         "encoder: %s (%s pooling), %d training / %d validation examples, %d steps",
         e.base,
         model.pooling,
         len(train),
         len(val),
-        total,
+        run.total_steps,
     )
     setup = TrainSetup(
         model=model,
@@ -300,7 +265,7 @@ def train_encoder(
         objective=objective,
         train_batches=batches,
         optimizer=build_optimizer(model, cfg.optim),
-        total_steps=total,
+        total_steps=run.total_steps,
         evaluate=evaluate,
         fingerprint={
             "train.batch_size": cfg.train.batch_size,
@@ -315,11 +280,11 @@ def train_encoder(
         tokens_in=_mask_tokens,
         epoch_of=lambda: batches.epoch,
     )
-    fit = TrainLoop(setup, cfg, runtime, run_dir).fit(resume=resume, force=force)
+    fit = TrainLoop(setup, run, runtime, run_dir).fit(resume=resume, force=force)
     model_dir = run_dir / "model"
     saved_step = fit.state.step
     if runtime.is_main:
-        saved_step = _restore_best(model, fit, run_dir)
+        saved_step = fit.restore_best(model)
         meta = {"objective": e.objective, "max_length": e.max_length, "labels": names, "base": e.base}
         save_encoder(model, tokenizer, model_dir, meta)
     runtime.barrier()

@@ -11,7 +11,6 @@ numeric target columns.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from lmkiln.config import Config
 from lmkiln.data.tables import Table, load_table, split_table, standardize
 from lmkiln.errors import LmkilnError
+from lmkiln.files import write_json_atomic
 from lmkiln.model.mlp import MLP, build_mlp
 from lmkiln.train.objectives import LOSS_KINDS
 from lmkiln.train.supervised import Report, Trainer, TrainResult
@@ -151,7 +151,7 @@ def train_table(
     png = None
     run_dir = fit.run_dir
     if trainer.runtime.is_main:
-        _write_json(
+        write_json_atomic(
             run_dir / "table.json",
             {
                 "source": table.source,
@@ -165,7 +165,7 @@ def train_table(
             },
         )
         if test is not None:
-            _write_json(
+            write_json_atomic(
                 run_dir / "test_metrics.json",
                 {"metrics": test.metrics, "examples": test.examples, "per_class_f1": test.per_class_f1},
             )
@@ -173,9 +173,3 @@ def train_table(
                 title = f"{cfg.name}: test accuracy {test.metrics['accuracy']:.3f} ({test.examples} rows)"
                 png = test.save_confusion_matrix(run_dir / "plots" / "confusion_matrix.png", title)
     return TabularResult(run_dir, fit, test, table, model, cfg, png)
-
-
-def _write_json(path: Path, value: object) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(value, indent=1), encoding="utf-8")
-    tmp.replace(path)

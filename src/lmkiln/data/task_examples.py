@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from lmkiln.config import FinetuneConfig
+from lmkiln.data.formats import FORMATS, Record
 from lmkiln.data.loader import IGNORE_INDEX, pack_examples, pad_collate
+from lmkiln.data.templates import ChatTemplate, Piece, TemplateError, prompt_pieces
 from lmkiln.data.tokenizer import Tokenizer
-from lmkiln.finetune.formats import FORMATS, Record
-from lmkiln.finetune.templates import ChatTemplate, Piece, TemplateError, prompt_pieces
 
 log = logging.getLogger("lmkiln")
 
@@ -251,13 +251,13 @@ def packed_collate(
 
 
 def classification_collate(examples: Sequence[TokenExample], pad_id: int) -> Callable[[list[int]], dict]:
-    """input_ids/attention_mask/position_ids padded on the right, and class indices `y`."""
+    """input_ids/attention_mask/position_ids padded on the right, and class indices `labels`
+    (IGNORE_INDEX for the loop's padding slots)."""
 
     def collate(indices: list[int]) -> dict[str, torch.Tensor]:
         rows = [{"input_ids": examples[i].input_ids if i >= 0 else [pad_id]} for i in indices]
         batch = pad_collate(rows, pad_id, side="right")
-        del batch["labels"]
-        batch["y"] = torch.tensor([examples[i].label if i >= 0 else IGNORE_INDEX for i in indices])
+        batch["labels"] = torch.tensor([examples[i].label if i >= 0 else IGNORE_INDEX for i in indices])
         return batch
 
     return collate
