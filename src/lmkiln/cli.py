@@ -22,33 +22,49 @@ log = logging.getLogger("lmkiln")
 
 
 def _config_parser(name: str, help_text: str, sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from lmkiln.config import help_text as keys_help
-
+    """A command that takes a config; its --help lists the keys of the task the config runs."""
     parser = sub.add_parser(
         name,
         help=help_text,
         description=help_text,
         allow_abbrev=False,
+        add_help=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (override with --section.key VALUE or section.key=VALUE):" + keys_help(),
+    )
+    parser.add_argument(
+        "-h", "--help", action="store_true", help="show this help with the config keys of the task, and exit"
     )
     parser.add_argument("--recipe", help="built-in recipe (see `lmkiln recipes`)")
     parser.add_argument("--config", help="YAML file with config sections (applied after the recipe)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.set_defaults(parser=parser)
     return parser
 
 
+class _HelpShown(Exception):
+    """--help was printed; the command ends here."""
+
+
 def _load(args: argparse.Namespace, overrides: list[str], default_recipe: str | None = "default"):
-    from lmkiln.config import load_config
+    """The command's config; with --help, print the command's help and its task's keys instead."""
+    from lmkiln.config import help_text, load_config
 
     recipe = args.recipe or (None if args.config else default_recipe)
-    return load_config(recipe=recipe, config_file=args.config, overrides=overrides)
+    cfg = load_config(recipe=recipe, config_file=args.config, overrides=overrides)
+    if args.help:
+        sys.stdout.write(args.parser.format_help())
+        sys.stdout.write(
+            f"\nconfig keys of task '{cfg.task}' (override with --section.key VALUE or section.key=VALUE; "
+            f"another task's keys: add its --recipe):" + help_text(task=cfg.task) + "\n"
+        )
+        raise _HelpShown
+    return cfg
 
 
 def _print_config(cfg) -> None:
     from lmkiln.config import to_yaml
 
-    sys.stdout.write(to_yaml(cfg))
+    sys.stdout.write(to_yaml(cfg, derived=False))  # what the user can set; a run also saves what it derives
 
 
 def _quote(args: list[str]) -> str:
@@ -575,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return func(args, extra)
+    except _HelpShown:
+        return 0
     except LmkilnError as err:
         if debug:
             raise

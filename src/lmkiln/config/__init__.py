@@ -27,6 +27,7 @@ from lmkiln.config.layers import (
 from lmkiln.config.resolve import ResolvedConfig, resolve
 from lmkiln.config.schema import (
     MODEL_PRESETS,
+    TASK_SECTIONS,
     BatchPlan,
     Config,
     DataConfig,
@@ -52,6 +53,7 @@ __all__ = [
     "ResolvedConfig",
     "batch_plan",
     "resolve",
+    "TASK_SECTIONS",
     "Config",
     "DataConfig",
     "DistConfig",

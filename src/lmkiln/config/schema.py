@@ -391,6 +391,31 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------
+# Which sections each task reads: a command shows, accepts and saves only these.
+
+COMMON_SECTIONS = ("optim", "schedule", "train", "dist", "log")
+TASK_SECTIONS: dict[str, tuple[str, ...]] = {
+    "pretrain": ("data", "tokenizer", "model", *COMMON_SECTIONS),
+    "supervised": ("table", "mlp", "loss", *COMMON_SECTIONS),
+    "finetune": ("finetune", *COMMON_SECTIONS),
+    "encoder": ("encoder", "data", *COMMON_SECTIONS),
+}
+"""Sections a task reads from the user, by `task` (the registry is `lmkiln.tasks.TASK_RUNNERS`)."""
+DERIVED_SECTIONS: dict[str, tuple[str, ...]] = {"finetune": ("model",)}
+"""Sections a task fills in itself and saves with the run (a fine-tuned model's shape is its base's)."""
+
+
+def saved_sections(task: str) -> tuple[str, ...]:
+    """What a run of `task` records in config.yaml and its checkpoints."""
+    return (*TASK_SECTIONS[task], *DERIVED_SECTIONS.get(task, ()))
+
+
+def section_owner(section: str) -> str:
+    """The task a section belongs to (the first that reads it), for error messages."""
+    return next(task for task, sections in TASK_SECTIONS.items() if section in sections)
+
+
+# --------------------------------------------------------------------------------------------
 # Model size presets: explicit values in a recipe or on the command line override these.
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {

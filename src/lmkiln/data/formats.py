@@ -15,7 +15,6 @@ Every problem names the file and line (`data.jsonl:12: missing field 'output'`).
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lmkiln.config import FinetuneConfig
-from lmkiln.data.corpus import decoded_lines, jsonl_rows
+from lmkiln.data.rows import open_rows
 from lmkiln.errors import LmkilnError
 
 
@@ -114,42 +113,9 @@ def field_names(cfg: FinetuneConfig) -> dict[str, str]:
 
 def iter_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(location, row) for every row of a .jsonl/.csv/.parquet file."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise LmkilnError(f"data file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        yield from _jsonl_rows(path)
-    elif suffix == ".csv":
-        yield from _csv_rows(path)
-    elif suffix == ".parquet":
-        yield from _parquet_rows(path)
-    else:
-        raise LmkilnError(f"{path}: unsupported data file; use .jsonl, .csv or .parquet")
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    for number, row in jsonl_rows(path):
-        yield f"{path}:{number}", row
-
-
-def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    csv.field_size_limit(2**31 - 1)
-    reader = csv.DictReader(line for _, line in decoded_lines(path))
-    for row in reader:
-        yield f"{path}:{reader.line_num}", dict(row)
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise LmkilnError(f"reading {path} needs pyarrow: pip install 'lmkiln[data]'") from None
-    row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-        for values in batch.to_pylist():
-            row += 1
-            yield f"{path}:row {row}", values
+    table = open_rows(path)
+    for number, row in table.rows:
+        yield table.where(number), row
 
 
 # --------------------------------------------------------------------------------------------

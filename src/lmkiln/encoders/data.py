@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lmkiln.data.corpus import jsonl_rows
+from lmkiln.data.textfile import jsonl_rows
 from lmkiln.errors import LmkilnError
 
 

@@ -35,6 +35,7 @@ from lmkiln.files import write_json_atomic
 from lmkiln.model.generate import Sampling, generate_ids
 from lmkiln.runs import checkpoint as ckpt
 from lmkiln.runs.load import find_checkpoint, load_classifier, load_run
+from lmkiln.runs.rundir import saved_config
 from lmkiln.train.evaluate import classification_scores, classify, lm_metrics, summed_lm_loss
 from lmkiln.train.metrics import per_class_f1
 
@@ -236,10 +237,13 @@ def evaluate_run(
         raise LmkilnError("--batch-size and --max-new-tokens must be positive")
     _, checkpoint = find_checkpoint(path)
     saved = ckpt.read_checkpoint(checkpoint).trainer["config"]
-    layers = [(f"{checkpoint}/trainer.json", flatten(saved))]
-    if overrides:
-        layers.append(("command line", parse_overrides(overrides)))
-    cfg = build_config(layers)
+    cfg = saved_config(saved, f"{checkpoint}/trainer.json")
+    if overrides:  # the finetune section says how to read the task file, whatever task trained the run
+        layers = [
+            ("run", flatten(to_dict(cfg, every_section=True))),
+            ("command line", parse_overrides(overrides)),
+        ]
+        cfg = build_config(layers, check_sections=False)
     is_classifier = (
         saved.get("task") == "finetune" and saved.get("finetune", {}).get("format") == "classification"
     )

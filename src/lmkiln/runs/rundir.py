@@ -75,7 +75,7 @@ def prepare_run_dir(cfg: Config, resume: str | None = None, overwrite: bool = Fa
             shutil.rmtree(path)
         elif not resume and has_checkpoints:
             saved = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
-            changes = _config_changes(saved, to_dict(cfg))
+            changes = _config_changes(to_dict(saved_config(saved, str(config_file))), to_dict(cfg))
             what = (
                 f"with a different config ({'; '.join(changes[:4])}{' …' if len(changes) > 4 else ''})"
                 if changes
