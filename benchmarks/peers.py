@@ -101,6 +101,7 @@ def lmkiln_run(
     seed: int = 0,
 ) -> Timed:
     """Train through lmkiln's TrainLoop (no run directory: nothing is written) and time every step."""
+    from lmkiln.config import resolve
     from lmkiln.data.loader import RandomWindows
     from lmkiln.model.transformer import training_flops_per_token
     from lmkiln.tasks.pretrain import build_transformer
@@ -118,9 +119,11 @@ def lmkiln_run(
     train_model = parallelize(model, cfg, runtime)
     optimizer = build_optimizer(model, cfg.optim)
     timed = Timed(model=model)
-    micro = cfg.train.micro_batch_size or cfg.train.batch_size
+    run = resolve(cfg, runtime.world_size)
     batches = TimedStream(
-        RandomWindows([tokens], cfg.train.seq_len, micro, cfg.train.seed), timed, runtime.device
+        RandomWindows([tokens], cfg.train.seq_len, run.batch.micro_batch_size, cfg.train.seed),
+        timed,
+        runtime.device,
     )
     setup = TrainSetup(
         model=model,
@@ -132,7 +135,7 @@ def lmkiln_run(
         evaluate=evaluate,
         flops_per_token=training_flops_per_token(cfg.model, cfg.train.seq_len),
     )
-    TrainLoop(setup, cfg, runtime, None).fit()
+    TrainLoop(setup, run, runtime, None).fit()
     sync(runtime.device)
     timed.end = time.perf_counter()
     return timed
