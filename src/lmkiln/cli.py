@@ -47,9 +47,17 @@ class _HelpShown(Exception):
 
 def _load(args: argparse.Namespace, overrides: list[str], default_recipe: str | None = "default"):
     """The command's config; with --help, print the command's help and its task's keys instead."""
-    from lmkiln.config import help_text, load_config
+    from lmkiln.config import help_text, load_config, parse_overrides
 
     recipe = args.recipe or (None if args.config else default_recipe)
+    if (
+        recipe == "default"
+        and not args.recipe
+        and parse_overrides(overrides).get("task", "pretrain") != "pretrain"
+    ):
+        recipe = (
+            None  # the default recipe is the pretraining main job; another task starts from its own defaults
+        )
     cfg = load_config(recipe=recipe, config_file=args.config, overrides=overrides)
     if args.help:
         sys.stdout.write(args.parser.format_help())
