@@ -8,7 +8,7 @@ import torch
 from lmkiln.config import ModelConfig
 from lmkiln.data.tokenizer import train_char
 from lmkiln.infer.batching import ContinuousBatcher, GenerationRequest, Update, run_to_completion
-from lmkiln.infer.generate import Sampling, generate_ids
+from lmkiln.model.generate import Sampling, generate_ids
 from lmkiln.model.transformer import Transformer
 
 TEXT = "the cat sat on the mat. the dog sat on the log. " * 20

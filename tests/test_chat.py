@@ -10,12 +10,13 @@ from finetune_helpers import make_base, tokenizer
 from serve_helpers import chat_run, cli_env, lmkiln_command
 
 from lmkiln.cli import load_chat_model
+from lmkiln.data.templates import chat_template_of
 from lmkiln.errors import LmkilnError
-from lmkiln.finetune.templates import chat_template_of
 from lmkiln.infer.batching import ContinuousBatcher
 from lmkiln.infer.chat import ChatFormat, ChatSession, fit_history
-from lmkiln.infer.generate import Sampling, generate_text
+from lmkiln.infer.generate import generate_text
 from lmkiln.interop.hf_export import export_run
+from lmkiln.model.generate import Sampling
 
 GREEDY = Sampling(max_new_tokens=12, temperature=0)
 

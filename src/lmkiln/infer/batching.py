@@ -25,7 +25,8 @@ from torch import nn
 
 from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.errors import LmkilnError
-from lmkiln.infer.generate import Sampling, TextStream, sample_next
+from lmkiln.infer.generate import TextStream
+from lmkiln.model.generate import Sampling, sample_next
 from lmkiln.model.transformer import KVCache
 
 log = logging.getLogger("lmkiln")

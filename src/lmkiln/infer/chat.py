@@ -17,11 +17,11 @@ from dataclasses import dataclass, field, replace
 
 from torch import nn
 
+from lmkiln.data.templates import ROLES, ChatTemplate, TemplateError, chat_template_of
 from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.errors import LmkilnError
-from lmkiln.finetune.templates import ROLES, ChatTemplate, TemplateError, chat_template_of
 from lmkiln.infer.batching import ContinuousBatcher, GenerationRequest, Update, run_to_completion
-from lmkiln.infer.generate import Sampling
+from lmkiln.model.generate import Sampling
 
 # TemplateError is re-exported: the server catches it from here (one import site of the templates).
 __all__ = [

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 
 from lmkiln.infer.batching import BatchScheduler, GenerationRequest, QueueFull, ShuttingDown, Update
 from lmkiln.infer.chat import ChatFormat, TemplateError
-from lmkiln.infer.generate import Sampling
+from lmkiln.model.generate import Sampling
 from lmkiln.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse_body
 
 log = logging.getLogger("lmkiln")
