@@ -276,12 +276,14 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise LmkilnError(f"unexpected arguments: {_quote(extra)}")
+    if args.to == "gguf":
+        return _export_gguf(args)
     from lmkiln.interop.hf_export import export_run, parse_size, verify_export
 
     report = export_run(
         args.run_dir,
         args.out_dir,
-        dtype=args.dtype,
+        dtype=args.dtype or "float32",
         max_shard_bytes=parse_size(args.max_shard_size),
         overwrite=args.overwrite,
     )
@@ -294,7 +296,7 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
         from lmkiln.infer.load import load_run
 
         loaded = load_run(args.run_dir)
-        check = verify_export(loaded.model, loaded.tokenizer, report.out_dir, args.dtype)
+        check = verify_export(loaded.model, loaded.tokenizer, report.out_dir, args.dtype or "float32")
         status = "ok" if check.tokens_equal and check.max_abs_logits_diff <= 1e-4 else "MISMATCH"
         print(
             f"verified with transformers: max |Δlogits| {check.max_abs_logits_diff:.2e}, token ids "
@@ -306,6 +308,44 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
         if status != "ok":
             return 1
     print(f"load it: AutoModelForCausalLM.from_pretrained({str(report.out_dir)!r})")
+    return 0
+
+
+def _export_gguf(args: argparse.Namespace) -> int:
+    from lmkiln.interop.gguf_export import export_gguf_from
+
+    dtype = args.dtype or "f32"
+    report = export_gguf_from(args.run_dir, args.out_dir, dtype=dtype, force=args.overwrite)
+    print(
+        f"exported {report.source} as GGUF ({report.architecture}, {dtype}): "
+        f"{report.parameters / 1e6:.2f}M parameters, {report.tensors} tensors, "
+        f"{report.bytes / 1e6:.1f} MB in {report.seconds:.2f} s"
+    )
+    chat = ", chat template" if report.chat_template else ""
+    print(f"  {report.path}: tokenizer gpt2 (pre-tokenizer {report.pre_tokenizer}){chat}")
+    for note in report.notes:
+        print(f"  note: {note}")
+    if args.verify:
+        from lmkiln.interop.gguf_verify import llama_cpp_available, verify_gguf
+
+        if not llama_cpp_available():
+            print(
+                "not verified: llama_cpp is not installed (pip install 'lmkiln[llama]' builds llama.cpp; "
+                "then rerun with --verify)"
+            )
+            return 0
+        from lmkiln.interop.hf_import import load_pretrained
+
+        loaded = load_pretrained(args.run_dir)
+        parity = verify_gguf(loaded.model, loaded.tokenizer, report.path, dtype)
+        print(f"verified with llama.cpp ({'ok' if parity.ok else 'MISMATCH'}):")
+        for line in parity.lines():
+            print(f"  {line}")
+        for problem in parity.problems:
+            print(f"  problem: {problem}")
+        if not parity.ok:
+            return 1
+    print(f"run it: llama-cli -m {report.path}   (or Ollama: FROM {report.path} in a Modelfile)")
     return 0
 
 
@@ -378,16 +418,31 @@ def cmd_eval_retrieval(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _add_interop_commands(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser(
-        "export", help="export a trained run as a Hugging Face model directory", allow_abbrev=False
+        "export",
+        help="export a trained run as a Hugging Face model directory or a GGUF file (llama.cpp)",
+        allow_abbrev=False,
     )
-    export.add_argument("run_dir", help="run directory (or one of its checkpoints)")
-    export.add_argument("--to", choices=["hf"], default="hf", help="format (hf: transformers directory)")
-    export.add_argument("out_dir", help="directory to write")
-    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    export.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this size")
-    export.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     export.add_argument(
-        "--verify", action="store_true", help="load the result with transformers and compare logits/ids"
+        "run_dir", help="run directory (or one of its checkpoints); gguf: also a HF model dir"
+    )
+    export.add_argument(
+        "--to",
+        choices=["hf", "gguf"],
+        default="hf",
+        help="hf: transformers directory; gguf: one llama.cpp file",
+    )
+    export.add_argument("out_dir", help="hf: directory to write; gguf: the .gguf file to write")
+    export.add_argument(
+        "--dtype", help="hf: float32 (default), bfloat16, float16; gguf: f32 (default), f16, q8_0"
+    )
+    export.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this size")
+    export.add_argument(
+        "--overwrite", "--force", action="store_true", help="replace a non-empty OUT_DIR or an existing file"
+    )
+    export.add_argument(
+        "--verify",
+        action="store_true",
+        help="load the result with its consumer (transformers, or llama.cpp for gguf) and compare",
     )
     export.set_defaults(func=cmd_export)
 
