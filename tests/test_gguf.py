@@ -137,7 +137,7 @@ def held_out(tokenizer: Tokenizer) -> str:
 def test_metadata_and_tensor_layout(llama, tokenizer, tmp_path):
     path = tmp_path / "m.gguf"
     report = export_gguf(llama, tokenizer, path, dtype="q8_0")
-    assert report.architecture == "llama" and report.pre_tokenizer == "gpt-2" and path.is_file()
+    assert report.architecture == "llama" and report.tokenizer == "gpt2/gpt-2" and path.is_file()
     reader = gguf.GGUFReader(path)
 
     def field(key: str):
@@ -199,12 +199,13 @@ def test_what_llama_cpp_cannot_run_is_refused_in_one_line(tokenizer, tmp_path):
         with pytest.raises(LmkilnError, match=message) as err:
             export_gguf(Transformer(cfg), tokenizer, tmp_path / "x.gguf")
         assert "\n" not in str(err.value), name
-    char = train_char(iter(["abc"]))
-    model = Transformer(
-        ModelConfig(vocab_size=char.vocab_size, d_model=32, n_head=2, n_layer=1, block_size=16)
-    )
-    with pytest.raises(LmkilnError, match="character tokenizer"):
-        export_gguf(model, char, tmp_path / "x.gguf")
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    words = Tokenizer(HFTokenizer(models.WordLevel({"<|endoftext|>": 0, "a": 1}, "a")), bos_token=None)
+    model = Transformer(ModelConfig(vocab_size=2, d_model=32, n_head=2, n_layer=1, block_size=16))
+    with pytest.raises(LmkilnError, match="WordLevel tokenizer"):
+        export_gguf(model, words, tmp_path / "x.gguf")
     assert not list(tmp_path.iterdir())
 
 
@@ -301,6 +302,27 @@ def test_llama_cpp_tokenizes_mixed_text_as_lmkiln_does(llama, tokenizer, tmp_pat
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text), text
         assert llm.detokenize(tokenizer.encode(text)).decode() == text
     assert len(tokenizer.encode(MIXED_TEXT)) > 60  # multi-byte merges, not just single bytes
+
+
+@needs_llama_cpp
+def test_a_character_model_runs_in_llama_cpp_with_its_ids_and_logits(tmp_path):
+    """lmkiln's character tokenizer becomes llama.cpp's SentencePiece-style one: same ids, same text."""
+    chars = train_char(iter(["hello world, the cat sat on the mat.\n" * 4, "café 日本"]))
+    cfg = ModelConfig(vocab_size=chars.vocab_size, d_model=64, n_head=4, n_layer=2, block_size=128)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    path = tmp_path / "char.gguf"
+    assert export_gguf(model, chars, path).tokenizer == "llama"
+    llm = open_gguf(path, 128, threads=2)
+    for text in [MIXED_TEXT, "hello world", "  two  spaces ", "unseen: Ω 🙂"]:
+        ids = chars.encode(text)
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids, text
+        assert llm.detokenize(ids).decode() == text
+    ids = chars.encode("the cat sat on the mat")
+    llm.eval(ids)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0]
+    assert (ours - torch.tensor(llm.scores[: len(ids)])).abs().max() < 1e-3
 
 
 @needs_llama_cpp

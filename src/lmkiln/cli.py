@@ -322,7 +322,7 @@ def _export_gguf(args: argparse.Namespace) -> int:
         f"{report.bytes / 1e6:.1f} MB in {report.seconds:.2f} s"
     )
     chat = ", chat template" if report.chat_template else ""
-    print(f"  {report.path}: tokenizer gpt2 (pre-tokenizer {report.pre_tokenizer}){chat}")
+    print(f"  {report.path}: tokenizer {report.tokenizer}{chat}")
     for note in report.notes:
         print(f"  note: {note}")
     if args.verify:

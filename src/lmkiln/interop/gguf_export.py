@@ -18,9 +18,10 @@ architecture, GPT-2-style models its `gpt2` architecture:
     llama3 RoPE scaling           rope_freqs (per-frequency divisors)         -
 
 llama.cpp's gpt2 graph requires every bias: a model without them gets zeros, which add nothing.
-The tokenizer goes in as llama.cpp's byte-level BPE (`tokenizer.ggml.model = gpt2`) with the
-pre-tokenizer whose regex is the one tokenizer.json splits with (`gpt-2` for lmkiln's own
-tokenizers), merges, token types, BOS/EOS/PAD/end-of-turn ids and the chat template. What llama.cpp
+A byte-level BPE tokenizer goes in as llama.cpp's `gpt2` tokenizer with the pre-tokenizer whose
+regex is the one tokenizer.json splits with (`gpt-2` for lmkiln's own), merges, token types,
+BOS/EOS/PAD/end-of-turn ids and the chat template; lmkiln's character tokenizer as llama.cpp's
+SentencePiece-style `llama` tokenizer, which then splits text the same way. What llama.cpp
 cannot reproduce exactly is refused with one line saying why, never exported approximately.
 
 The file is written under a temporary name in the target directory, fsynced and renamed, so a
@@ -69,8 +70,8 @@ class GGUFReport:
     parameters: int
     bytes: int
     seconds: float
-    pre_tokenizer: str
-    """tokenizer.ggml.pre: the llama.cpp pre-tokenizer that splits text as tokenizer.json does."""
+    tokenizer: str
+    """tokenizer.ggml.model and .pre: gpt2/gpt-2 (lmkiln's BPE), gpt2/llama-bpe, llama (characters) ..."""
     chat_template: bool
     notes: list[str] = field(default_factory=list)
     source: str = ""
@@ -235,7 +236,9 @@ IGNORES_MERGES = {"llama-bpe"}
 
 @dataclass
 class GGUFVocab:
-    pre: str
+    model: str
+    """tokenizer.ggml.model: gpt2 (byte-level BPE) or llama (SentencePiece-style, for characters)."""
+    pre: str | None
     tokens: list[str]
     types: list[int]
     merges: list[str]
@@ -260,17 +263,53 @@ def _split_regex(pre_tokenizer: dict | None) -> str | None:
     return split.get("pattern", {}).get("Regex")
 
 
-def gguf_vocab(tokenizer: Tokenizer, vocab_size: int) -> GGUFVocab:
-    """llama.cpp's view of a byte-level BPE tokenizer, or a one-line refusal of any other kind."""
+def _tokens_by_id(spec: dict, vocab_size: int) -> tuple[dict[int, str], dict[int, bool]]:
+    """id → token text, and id → special? for the added tokens."""
+    by_id: dict[int, str] = {i: t for t, i in spec["model"].get("vocab", {}).items()}
+    special: dict[int, bool] = {}
+    for added in spec.get("added_tokens", []):
+        by_id[added["id"]] = added["content"]
+        special[added["id"]] = added.get("special", False)
+    if max(by_id, default=-1) >= vocab_size:
+        raise LmkilnError(
+            f"the tokenizer has ids up to {max(by_id)} but the model only {vocab_size} embedding rows"
+        )
+    return by_id, special
+
+
+def _token_types(by_id: dict[int, str], special: dict[int, bool], vocab_size: int, byte_tokens: bool):
     gguf = require_gguf()
+    TT = gguf.TokenType
+    types = []
+    for i in range(vocab_size):  # rows beyond the tokenizer (padded embeddings) become unused tokens
+        text = by_id.get(i)
+        if text is None:
+            types.append(TT.UNUSED)
+        elif i in special:
+            types.append(TT.CONTROL if special[i] else TT.USER_DEFINED)
+        elif byte_tokens and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            types.append(TT.BYTE)
+        else:
+            types.append(TT.NORMAL)
+    return [int(t) for t in types]
+
+
+def gguf_vocab(tokenizer: Tokenizer, vocab_size: int) -> GGUFVocab:
+    """llama.cpp's view of the tokenizer, or a one-line refusal where it would give other ids."""
     spec = json.loads(tokenizer.json)
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        kind = "a character" if model.get("byte_fallback") else f"a {model.get('type')}"
+    if model.get("type") != "BPE":
         raise LmkilnError(
-            f"the run has {kind} tokenizer; GGUF export supports byte-level BPE tokenizers only (llama.cpp "
-            f"would split text differently): train the model with tokenizer.kind=bpe"
+            f"the run has a {model.get('type')} tokenizer; GGUF export supports byte-level BPE and "
+            f"lmkiln's character tokenizers (llama.cpp would split text differently)"
         )
+    if model.get("byte_fallback"):
+        return _char_vocab(spec, vocab_size)
+    return _byte_level_vocab(spec, vocab_size)
+
+
+def _byte_level_vocab(spec: dict, vocab_size: int) -> GGUFVocab:
+    model = spec["model"]
     regex = _split_regex(spec.get("pre_tokenizer"))
     if regex not in PRE_TOKENIZERS:
         raise LmkilnError(
@@ -293,27 +332,35 @@ def gguf_vocab(tokenizer: Tokenizer, vocab_size: int) -> GGUFVocab:
         notes.append(
             "llama.cpp does not NFC-normalise input: text not already in NFC may tokenize differently"
         )
-    if tokenizer.vocab_size > vocab_size:
-        raise LmkilnError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size} embedding rows"
-        )
-    by_id: dict[int, str] = {i: t for t, i in model.get("vocab", {}).items()}
-    special: dict[int, bool] = {}
-    for added in spec.get("added_tokens", []):
-        by_id[added["id"]] = added["content"]
-        special[added["id"]] = added.get("special", False)
-    TT = gguf.TokenType
-    tokens, types = [], []
-    for i in range(vocab_size):  # rows beyond the tokenizer (padded embeddings) become unused tokens
-        tokens.append(by_id.get(i, f"[PAD{i}]"))
-        if i not in by_id:
-            types.append(TT.UNUSED)
-        elif i in special:
-            types.append(TT.CONTROL if special[i] else TT.USER_DEFINED)
-        else:
-            types.append(TT.NORMAL)
+    by_id, special = _tokens_by_id(spec, vocab_size)
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return GGUFVocab(pre, tokens, [int(t) for t in types], merges, notes)
+    return GGUFVocab("gpt2", pre, tokens, _token_types(by_id, special, vocab_size, False), merges, notes)
+
+
+SPACE_MARK = "\u2581"  # ▁: how SentencePiece vocabularies (and llama.cpp's llama tokenizer) write a space
+
+
+def _char_vocab(spec: dict, vocab_size: int) -> GGUFVocab:
+    """lmkiln's character tokenizer as llama.cpp's SentencePiece-style (llama) tokenizer.
+
+    With no multi-character pieces nothing merges, so llama.cpp looks every character up and
+    spells an unknown one as <0xXX> byte tokens — what the character tokenizer does — once the
+    space token is written as ▁ (llama.cpp writes spaces so before looking them up).
+    """
+    model = spec["model"]
+    plain = not model.get("merges") and not spec.get("pre_tokenizer") and not spec.get("normalizer")
+    by_id, special = _tokens_by_id(spec, vocab_size)
+    normal = [t for i, t in by_id.items() if i not in special and not t.startswith("<0x")]
+    if not plain or any(len(t) != 1 for t in normal) or SPACE_MARK in normal:
+        raise LmkilnError(
+            "the run's byte-fallback tokenizer is not a plain character vocabulary (merges, a "
+            "pre-tokenizer, multi-character pieces or a literal ▁); llama.cpp would split text differently"
+        )
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
+    tokens = [SPACE_MARK if t == " " and i not in special else t for i, t in enumerate(tokens)]
+    note = "llama.cpp reads a literal ▁ (U+2581) in the input as a space (lmkiln: as its bytes)"
+    return GGUFVocab("llama", None, tokens, _token_types(by_id, special, vocab_size, True), [], [note])
 
 
 def end_of_turn_id(tokenizer: Tokenizer) -> int | None:
@@ -351,11 +398,15 @@ def _add_hparams(writer, cfg: ModelConfig, arch: str) -> None:
 
 
 def _add_vocab(writer, tokenizer: Tokenizer, vocab: GGUFVocab) -> int | None:
-    writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
-    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_tokenizer_model(vocab.model)
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.types)
-    writer.add_token_merges(vocab.merges)
+    if vocab.model == "gpt2":
+        writer.add_tokenizer_pre(vocab.pre)
+        writer.add_token_merges(vocab.merges)
+    else:  # no piece merges with another, so every score is the same
+        writer.add_token_scores([0.0] * len(vocab.tokens))
+        writer.add_add_space_prefix(False)
     writer.add_eos_token_id(tokenizer.eos_id)
     if tokenizer.bos_id is not None:
         writer.add_bos_token_id(tokenizer.bos_id)
@@ -461,7 +512,7 @@ def export_gguf(
         count_parameters(model),
         out_path.stat().st_size,
         time.perf_counter() - start,
-        vocab.pre,
+        f"{vocab.model}/{vocab.pre}" if vocab.pre else vocab.model,
         bool(tokenizer.chat_template),
         vocab.notes,
     )
