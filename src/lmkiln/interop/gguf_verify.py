@@ -259,7 +259,8 @@ def verify_gguf(
         ours = model(torch.tensor([stream]))[0].float().numpy()  # (T, V)
     llm.reset()
     llm.eval(stream)
-    theirs = np.asarray(llm.scores[: len(stream)], dtype=np.float32)[:, : ours.shape[1]]  # (T, V)
+    # llm.scores is llama.cpp's own buffer, which generating below overwrites: copy it.
+    theirs = np.array(llm.scores[: len(stream)], dtype=np.float32)[:, : ours.shape[1]]  # (T, V)
     greedy_equal = 0
     steps = min(new_tokens, context - max(len(tokenizer.encode(p)) for p in prompts) - 1)
     for prompt in prompts:
