@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # the writer's per-file INFO lines
     report = {
         "machine": machine(),
         "gguf": measure(args.corpus, 32 if args.quick else 128, 2 if args.quick else 5, args.threads),

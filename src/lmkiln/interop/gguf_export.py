@@ -534,5 +534,6 @@ def export_gguf_from(
     name = Path(source).resolve().name
     report = export_gguf(loaded.model, loaded.tokenizer, out_path, dtype=dtype, force=force, name=name)
     report.seconds = time.perf_counter() - start
-    report.source = f"{source} ({loaded.architecture})"
+    kind = "lmkiln run" if loaded.architecture == "lmkiln" else f"Hugging Face {loaded.architecture}"
+    report.source = f"{source} ({kind})"
     return report
