@@ -32,6 +32,7 @@ needs_llama_cpp = pytest.mark.skipif(
     not llama_cpp_available(), reason="llama-cpp-python is not installed (pip install 'lmkiln[llama]')"
 )
 
+
 @pytest.fixture(autouse=True)
 def keep_logging():
     """cli.main points the root logger at the stderr of its moment (a capture that then closes)."""
