@@ -72,8 +72,8 @@ def measure_style(
 ) -> dict:
     import llama_cpp
 
-    from lmkiln.infer.generate import Sampling, generate_ids
     from lmkiln.interop.gguf_export import export_gguf
+    from lmkiln.model.generate import Sampling, generate_ids
 
     model, tok, prompt = build(corpus, style, tokenizer)
     directory = Path(tempfile.mkdtemp(prefix="lmkiln-bench-gguf-"))

@@ -17,14 +17,14 @@ import torch
 
 from lmkiln import cli
 from lmkiln.config import ModelConfig, load_config, to_dict
+from lmkiln.data.templates import render_chat
 from lmkiln.data.tokenizer import Tokenizer, train_bpe, train_char
 from lmkiln.errors import LmkilnError
 from lmkiln.interop.gguf_export import export_gguf, export_gguf_from, rope_interleave
 from lmkiln.interop.gguf_verify import MIXED_TEXT, THRESHOLDS, llama_cpp_available, open_gguf, verify_gguf
-from lmkiln.interop.hf_import import render_chat
 from lmkiln.model.transformer import Transformer, apply_rope, rope_tables
-from lmkiln.train.checkpoint import CheckpointData, write_checkpoint
-from lmkiln.train.loop import model_tensors
+from lmkiln.runs.checkpoint import CheckpointData, write_checkpoint
+from lmkiln.runs.tensors import model_tensors
 from lmkiln.train.state import TrainState
 
 gguf = pytest.importorskip("gguf")
@@ -376,8 +376,8 @@ def test_lora_chat_run_and_hf_model_export_and_verify_from_the_cli(llama, tokeni
     """A LoRA chat fine-tune (merged on export) and a Hugging Face directory, through `lmkiln export`."""
     from finetune_helpers import ft_config, write_jsonl
 
-    from lmkiln.finetune.setup import finetune
     from lmkiln.interop.hf_export import export_model
+    from lmkiln.tasks.finetune import finetune
 
     base = save_run(tmp_path / "base", llama, tokenizer)
     rows = [

@@ -30,9 +30,10 @@ import numpy as np
 
 from lmkiln.config import DataConfig
 from lmkiln.data.corpus import Document, iter_documents, source_fingerprints
-from lmkiln.data.fast_encode import FastPathMismatch, FlatIds, verified_encode_flat
+from lmkiln.data.fast_encode import FastPathMismatch, FlatIds
 from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.errors import LmkilnError
+from lmkiln.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ def _write_documents(
         pending = None
         for batch in chain(_batches(documents), [None]):
             if batch is not None:
-                future = pool.submit(verified_encode_flat, tokenizer, [d.text for d in batch])
+                future = pool.submit(tokenizer.encode_flat_verified, [d.text for d in batch])
             if pending is not None:
                 done_batch, done_future = pending
                 done_bytes = _route(done_batch, done_future.result(), data, tokenizer.eos_id, limit, writers)
@@ -307,14 +308,6 @@ def _move_tail_to_validation(writers: dict[str, _SplitWriter], fraction: float, 
     train.bytes = total_bytes - val.bytes
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove_stale_tmp(final: Path) -> None:
     for tmp in final.parent.glob(final.name + ".tmp-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
@@ -372,7 +365,7 @@ def prepare_shards(
         os.rename(tmp, final)
     except OSError:  # another process finished the same set first; theirs is as good as ours
         shutil.rmtree(tmp, ignore_errors=True)
-    _fsync_dir(root)
+    fsync_dir(root)
     megabytes = (manifest["splits"]["train"]["bytes"] + manifest["splits"]["val"]["bytes"]) / 1e6
     return PrepareReport(TokenShards(final), cached=False, seconds=seconds, megabytes=megabytes)
 
@@ -426,5 +419,5 @@ def _build(
         json.dump(manifest, fh, indent=2)
         fh.flush()
         os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     return manifest

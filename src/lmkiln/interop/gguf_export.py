@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -44,6 +43,7 @@ import torch
 from lmkiln.config import ModelConfig
 from lmkiln.data.tokenizer import IM_END, Tokenizer
 from lmkiln.errors import LmkilnError
+from lmkiln.files import atomic_path
 from lmkiln.model.transformer import Transformer, count_parameters, rope_inv_freq
 
 log = logging.getLogger("lmkiln")
@@ -442,36 +442,21 @@ def check_output_path(path: Path, force: bool) -> None:
 
 
 def write_atomically(path: Path, writer) -> None:
-    """Write the GGUF under a temporary name beside `path`, fsync, rename; on failure remove it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write the GGUF through `lmkiln.files.atomic_path` (temporary name, fsync, rename)."""
     try:
-        try:
-            writer.write_header_to_file(path=tmp)
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()  # flushes: a full disk may only show here
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            try:
+                writer.write_header_to_file(path=tmp)
+                writer.write_kv_data_to_file()
+                writer.write_tensors_to_file()
+            finally:
+                writer.close()  # flushes: a full disk may only show here
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         free = shutil.disk_usage(path.parent).free / 1e6  # numpy reports a short write without errno
         raise LmkilnError(
             f"could not write {path}: {err.strerror or err} ({free:.1f} MB free there); "
             f"nothing was left under that name"
         ) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a crash
-    finally:
-        os.close(directory)
 
 
 def export_gguf(

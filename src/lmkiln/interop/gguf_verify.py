@@ -179,7 +179,7 @@ def _compare_tokens(llm, tokenizer: Tokenizer, text: str) -> list[str]:
             f"ids of the mixed text differ from token {at}: lmkiln {ours[at : at + 4]}, llama.cpp {theirs[at : at + 4]}"
         )
     if tokenizer.chat_template:
-        from lmkiln.interop.hf_import import render_chat
+        from lmkiln.data.templates import render_chat
 
         rendered = render_chat(tokenizer.chat_template, CHAT_PROBE, add_generation_prompt=True)
         if tokenizer.encode_template(rendered) != llm.tokenize(
@@ -219,7 +219,7 @@ def _chat(
     eot = end_of_turn_id(tokenizer)
     if eot is None:
         return None
-    from lmkiln.interop.hf_import import render_chat
+    from lmkiln.data.templates import render_chat
 
     prompt = tokenizer.encode_template(
         render_chat(tokenizer.chat_template, messages, add_generation_prompt=True)
