@@ -280,7 +280,9 @@ def parity(model: Transformer, tokenizer: Tokenizer, path: Path, dtype: str):
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize(
+    "arch", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)]
+)  # gpt2: trains a model
 def test_llama_cpp_reproduces_lmkiln_in_f32_f16_and_q8_0(arch, request, tokenizer, tmp_path):
     model = request.getfixturevalue(arch)
     for dtype in ("f32", "f16", "q8_0"):
