@@ -128,6 +128,10 @@ def _print_data_summary(tok, shards) -> None:
         f"shards: {m['train']['tokens']:,} train / {m['val']['tokens']:,} validation tokens "
         f"({shards.shards.dtype.name}, {speed})"
     )
+    from lmkiln.data.cleaning import describe_cleaning
+
+    if describe_cleaning(shards.shards.manifest):
+        print(f"data quality: {describe_cleaning(shards.shards.manifest)}")
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -260,13 +264,33 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
         args.limit,
         extra,
         args.device,
+        args.candidates,
     )
     out = Path(args.out) if args.out else Path(args.run_dir) / f"eval-{args.task}.json"
     write_result(result, out, {"run": str(args.run_dir), "data": str(args.data)})
-    print(f"{args.task} on {args.data}: {result.examples} examples in {result.seconds:.1f} s")
+    if args.task == "memorization":
+        _print_canaries(result)
+    else:
+        print(f"{args.task} on {args.data}: {result.examples} examples in {result.seconds:.1f} s")
     print(result.table())
     print(f"results: {out}")
     return 0
+
+
+def _print_canaries(result) -> None:
+    rows = [r for r in result.samples if "canary" in r]
+    info = next(r for r in result.samples if "plot" in r)
+    print(
+        f"memorization: {len(rows)} canaries against {info['candidates']} random candidates each "
+        f"(log2 |R| = {info['space_bits']:.1f} bits), {result.seconds:.1f} s"
+    )
+    print(f"{'canary':<34} {'copies':>6} {'bits':>8} {'exposure':>9} {'sampled':>8} {'extracted':>9}")
+    for r in rows:
+        print(
+            f"{r['canary']:<34} {r['repeats']:>6} {r['log_perplexity_bits']:>8.2f} {r['exposure']:>9.2f} "
+            f"{r['exposure_sampled']:>8.2f} {'yes' if r['extracted'] else 'no':>9}"
+        )
+    print(f"plot: {info['plot']}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,11 +506,29 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     evaluate.add_argument("run_dir", help="run directory (or one of its checkpoints)")
-    evaluate.add_argument("--data", required=True, help="task file: .jsonl, .csv or .parquet")
+    evaluate.add_argument(
+        "--data",
+        help="task file: .jsonl, .csv or .parquet (not for memorization: it reads the run's canaries)",
+    )
     evaluate.add_argument(
         "--task",
         required=True,
-        choices=["instruction", "chat", "translation", "summarization", "qa", "classification", "perplexity"],
+        choices=[
+            "instruction",
+            "chat",
+            "translation",
+            "summarization",
+            "qa",
+            "classification",
+            "perplexity",
+            "memorization",
+        ],
+    )
+    evaluate.add_argument(
+        "--candidates",
+        type=int,
+        default=2000,
+        help="memorization: random candidates each canary is ranked among",
     )
     evaluate.add_argument("--max-new-tokens", type=int, default=64)
     evaluate.add_argument("--batch-size", type=int, default=16)

@@ -11,12 +11,15 @@ never go to validation. The canaries are recorded in the shard manifest and the 
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from lmkiln.data.corpus import Document
+from lmkiln.errors import LmkilnError
 
 PREFIX = "the secret code is "
 CANARY_KEY = "canary:"
@@ -85,3 +88,37 @@ def with_canaries(
 
 def is_canary(key: str) -> bool:
     return key.startswith(CANARY_KEY)
+
+
+RECORD = "canaries.json"
+
+
+def write_record(run_dir: Path, manifest: dict, shard_directory: Path) -> Path | None:
+    """Write RUN_DIR/canaries.json from a shard manifest that holds canaries (atomically)."""
+    if not manifest.get("canaries"):
+        return None
+    record = {
+        "format": PREFIX + "DDD-DD-DDDD",
+        "space_bits": SPACE_BITS,
+        "shards": str(shard_directory),
+        "canaries": manifest["canaries"],
+    }
+    path = run_dir / RECORD
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def read_record(run_dir: Path) -> dict:
+    path = run_dir / RECORD
+    if not path.is_file():
+        raise LmkilnError(
+            f"{run_dir} has no {RECORD}: it was not trained with canaries (train with --data.canaries N)"
+        )
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        record["canaries"] = [Canary(c["index"], c["secret"], c["repeats"]) for c in record["canaries"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise LmkilnError(f"{path}: not a valid canary record ({err})") from None
+    return record

@@ -116,3 +116,20 @@ def shard_documents(data: DataConfig, counts: CleaningCounts, canaries: list[Can
         return documents
     expected = sum(1 for _ in iter_documents(data.corpus, data.field, data.text_unit))
     return with_canaries(documents, canaries, expected, data.seed)
+
+
+def describe_cleaning(manifest: dict) -> str:
+    """One line of a shard manifest's cleaning counts and canaries ('' when it has none)."""
+    parts = []
+    cleaning = manifest.get("cleaning")
+    if cleaning:
+        parts.append(
+            f"{cleaning['exact_duplicates_dropped']:,} exact and {cleaning['near_duplicates_dropped']:,} near "
+            f"duplicates dropped of {cleaning['documents_read']:,} documents"
+        )
+        scrubbed = ", ".join(f"{n:,} {kind}" for kind, n in cleaning["scrubbed"].items())
+        parts.append(f"scrubbed {scrubbed or 'nothing'}")
+    if manifest.get("canaries"):
+        repeats = sorted({c["repeats"] for c in manifest["canaries"]})
+        parts.append(f"{len(manifest['canaries'])} canaries (repeated {'/'.join(map(str, repeats))}x)")
+    return "; ".join(parts)

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from lmkiln.config import Config, ModelConfig, validate
+from lmkiln.data.canaries import write_record as write_canary_record
+from lmkiln.data.cleaning import describe_cleaning
 from lmkiln.data.loader import RandomWindows, eval_windows
 from lmkiln.data.prepare import TokenizerReport, build_tokenizer
 from lmkiln.data.shards import PrepareReport, TokenShards, is_shard_set, prepare_shards
@@ -124,6 +126,9 @@ class PretrainResult:
                 f"validation loss {start}{after:.3f} (perplexity {fit.last_eval['val_ppl']:.1f}, "
                 f"{fit.last_eval['val_bpb']:.3f} bits/byte); stopped by {fit.stop_reason}"
             )
+        quality = describe_cleaning(self.shards_report.shards.manifest) if self.shards_report else ""
+        if quality:
+            lines.append(f"data quality: {quality}")
         lines.append(
             f"run directory: {self.run_dir} (config.yaml, tokenizer/, checkpoints/, metrics.jsonl, "
             f"plots/loss.png)"
@@ -166,6 +171,8 @@ def _describe(
         f"{splits['val']['tokens']:,}",
         speed,
     )
+    if describe_cleaning(shards.shards.manifest):
+        log.info("data quality: %s", describe_cleaning(shards.shards.manifest))
     m = cfg.model
     flops = training_flops_per_token(m, cfg.train.seq_len)
     log.info(
@@ -244,6 +251,7 @@ def pretrain(
         resolve_vocab(cfg.model, tokenizer)
         run_dir = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
         tokenizer.save(run_dir / "tokenizer")
+        write_canary_record(run_dir, shard_report.shards.manifest, shard_report.shards.directory)
     runtime.barrier()
     if not runtime.is_main:  # the main process prepared everything; the others open the same files
         tok_report, shard_report = prepare_data(cfg)
