@@ -322,8 +322,8 @@ def demo_corpus(seed: int = 0) -> list[dict]:
     from lmkiln.data.corpus import iter_documents
 
     rng = random.Random(seed)
-    paragraphs = [d.text for d in iter_documents("builtin:pydoc", text_unit="paragraph")]
-    paragraphs = [p for p in paragraphs if len(p) > 200][:400]
+    topics = [d.text for d in iter_documents("builtin:pydoc")]
+    paragraphs = [p.strip() for topic in topics for p in topic.split("\n\n") if len(p.strip()) > 200][:400]
     dirty, _ = planted_corpus(6, seed)
     rows = [{"text": p} for p in paragraphs] + [{"text": d} for d in dirty]
     for source in rng.sample(paragraphs, 12):
