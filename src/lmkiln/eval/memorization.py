@@ -98,9 +98,8 @@ def exposures(
     scores = log_perplexities(model, tokenizer, pool)
     mean, std = float(scores.mean()), float(scores.std()) or 1e-9
     canary_scores = log_perplexities(model, tokenizer, [c.text for c in canaries])
-    completions = _greedy_completions(
-        model, tokenizer, PREFIX.rstrip(), len(tokenizer.encode(" 000-00-0000")) + 2
-    )
+    # a token holds at least one character: as many tokens as the secret has characters suffice
+    completions = _greedy_completions(model, tokenizer, PREFIX.rstrip(), len(" 000-00-0000") + 1)
     out = []
     for canary, score in zip(canaries, canary_scores):
         better = int((scores <= score).sum())
