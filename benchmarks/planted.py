@@ -6,7 +6,7 @@ prefixes and alphabets, PEM blocks, signed-looking JWTs, ...), in varied formats
 separators, case of keywords) and wrapped in varied surrounding punctuation, inside filler
 sentences. The positions of the planted values are returned, so recall is measured exactly.
 
-    python -m benchmarks.planted --out dirty.jsonl   # a demo corpus (also with duplicated documents)
+    python -m benchmarks.planted --out dirty.jsonl --eval-out qa.jsonl   # the README's demo files
 """
 
 from __future__ import annotations
@@ -337,14 +337,43 @@ def demo_corpus(seed: int = 0) -> list[dict]:
     return rows
 
 
+def demo_eval(seed: int = 0) -> list[dict]:
+    """A small question/answer file for the contamination demo: 8 answers quote the built-in
+    corpus (20-40 words of a topic), 32 are made of filler sentences."""
+    from lmkiln.data.corpus import iter_documents
+
+    rng = random.Random(seed)
+    topics = {d.key.split(":", 1)[1]: d.text.split() for d in iter_documents("builtin:pydoc")}
+    rows = []
+    for name in rng.sample(sorted(topics), 8):
+        words = topics[name]
+        start = rng.randrange(max(len(words) - 40, 1))
+        rows.append(
+            {
+                "question": f"What does the manual say about {name}?",
+                "answer": " ".join(words[start : start + rng.randint(20, 40)]),
+            }
+        )
+    for index in range(32):
+        rows.append(
+            {"question": f"Status of ticket {index}?", "answer": ", ".join(rng.sample(FILLER, 3)) + "."}
+        )
+    rng.shuffle(rows)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="JSONL file to write (one {'text': ...} per line)")
+    parser.add_argument(
+        "--eval-out", help="also write a question/answer JSONL file for the contamination demo"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    with open(args.out, "w", encoding="utf-8") as fh:
-        for row in demo_corpus(args.seed):
-            fh.write(json.dumps(row) + "\n")
+    for path, rows in ((args.out, demo_corpus(args.seed)), (args.eval_out, demo_eval(args.seed))):
+        if path:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 if __name__ == "__main__":

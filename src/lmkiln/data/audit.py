@@ -20,6 +20,7 @@ from lmkiln.data.corpus import iter_documents
 from lmkiln.data.dedup import ExactDeduper, NearDeduper, ShingleSpec, exact_digest
 from lmkiln.data.scrub import SCRUB_TYPES, Finding, Scrubber, mask
 from lmkiln.data.tokenizer import Tokenizer
+from lmkiln.errors import LmkilnError
 
 EXAMPLES = 5
 """Locations listed per finding type, duplicates and document-length extremes."""
@@ -38,6 +39,8 @@ class Audit:
     tokens: int | None = None
     exact_duplicates: int = 0
     near_duplicates: int = 0
+    near_searched: bool = True
+    """False when datasketch is not installed (near duplicates were not looked for)."""
     duplicate_examples: list[tuple[str, str, str]] = field(default_factory=list)
     """(kind, location of the copy, location of the first occurrence)."""
     findings: Counter = field(default_factory=Counter)
@@ -58,7 +61,7 @@ class Audit:
             "bytes": self.bytes,
             "tokens": self.tokens,
             "exact_duplicates": self.exact_duplicates,
-            "near_duplicates": self.near_duplicates,
+            "near_duplicates": self.near_duplicates if self.near_searched else None,
             "duplicate_examples": self.duplicate_examples,
             "findings": dict(self.findings),
             "secret_kinds": dict(self.secret_kinds),
@@ -110,7 +113,8 @@ def audit_corpus(
     scrubber = Scrubber(list(SCRUB_TYPES) if scrub_types is None else scrub_types)
     exact = ExactDeduper() if dedup else None
     first_of: dict[bytes, str] = {}
-    near = NearDeduper(data.dedup_threshold, data.dedup_num_perm, ShingleSpec(data.dedup_shingle, data.dedup_shingle_size)) if dedup else None  # fmt: skip
+    near = _near_deduper(data) if dedup else None
+    audit.near_searched = near is not None
     near_keys: list[str] = []
     guess = _language_guesser()
     audit.languages = Counter() if guess else None
@@ -159,6 +163,17 @@ def audit_corpus(
     return audit
 
 
+def _near_deduper(data: DataConfig) -> NearDeduper | None:
+    try:
+        return NearDeduper(
+            data.dedup_threshold,
+            data.dedup_num_perm,
+            ShingleSpec(data.dedup_shingle, data.dedup_shingle_size),
+        )
+    except LmkilnError:  # datasketch is not installed: report exact duplicates only
+        return None
+
+
 def _exact_copies(audit: Audit, exact: ExactDeduper, first_of: dict[bytes, str], docs: list) -> list:
     kept = []
     for doc in docs:
@@ -201,8 +216,9 @@ def format_audit(audit: Audit) -> str:
         f"corpus: {audit.corpus}",
         f"documents: {audit.documents:,} ({audit.bytes / 1e6:.2f} MB, {tokens}); "
         f"empty: {audit.empty_documents:,}" + (f" (first: {', '.join(audit.empty_examples)})" if audit.empty_examples else ""),
-        f"duplicates: {audit.exact_duplicates:,} exact, {audit.near_duplicates:,} near "
-        f"({(audit.exact_duplicates + audit.near_duplicates) / max(audit.documents, 1):.1%} of documents)",
+        f"duplicates: {audit.exact_duplicates:,} exact, "
+        + (f"{audit.near_duplicates:,} near" if audit.near_searched else "near not searched (pip install 'lmkiln[quality]')")
+        + f" ({(audit.exact_duplicates + audit.near_duplicates) / max(audit.documents, 1):.1%} of documents)",
     ]  # fmt: skip
     lines += [f"  {kind:<5} {copy}  copies  {first}" for kind, copy, first in audit.duplicate_examples]
     total = sum(audit.findings.values())

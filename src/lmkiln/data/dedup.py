@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lmkiln.errors import LmkilnError
+
 DEFAULT_SHINGLE_SIZE = {"word": 5, "char": 9}
 # Odd 64-bit multipliers that mix a shingle's items into one hash (wrapping uint64 arithmetic)
 _MIX = np.array([0x9E3779B97F4A7C15 * (2 * i + 1) % 2**64 for i in range(64)], dtype=np.uint64)
@@ -136,7 +138,12 @@ class NearDeduper:
     """
 
     def __init__(self, threshold: float = 0.8, num_perm: int = 128, shingle: ShingleSpec | None = None):
-        from datasketch import MinHash, MinHashLSH
+        try:
+            from datasketch import MinHash, MinHashLSH
+        except ImportError:
+            raise LmkilnError(
+                "near-duplicate detection needs datasketch: pip install 'lmkiln[quality]' (or use data.dedup=exact)"
+            ) from None
 
         self.threshold, self.num_perm = threshold, num_perm
         self.shingle = shingle or ShingleSpec()
