@@ -51,3 +51,16 @@ def test_decode_gemv_benchmark_runs_and_leaves_the_thread_settings_as_they_were(
     assert set(report["rows"]) == {"lmkiln", "onednn", "mkl"} and report["weights_mb"] == 48.8
     assert all(row["ms_per_token"] > 0 for row in report["rows"].values())
     assert torch.get_num_threads() == threads and decode.threads == 0
+
+
+def test_data_audit_sections_run_on_small_sizes(tmp_path):
+    from benchmarks import data_audit
+
+    corpora = {"generated": ["plain words here " * 20] * 50}
+    quality = data_audit.scrub_quality(20, corpora)
+    assert all(row["recall"] >= 0.99 for row in quality["recall"].values())
+    assert quality["false_positives_clean"]["generated"]["findings"] == 0
+    memory = data_audit.dedup_memory(2_000, 300)
+    assert 16 < memory["exact"]["bytes_per_document"] < 1_000 and memory["near"]["bytes_per_document"] > 512
+    speed = data_audit.dedup_speed(300, 1)
+    assert speed["mb_per_s"]["exact"] > 0 and speed["mb_per_s"]["near"] > 0
