@@ -14,8 +14,8 @@ A match becomes `<|type|>`: plain text, which lmkiln's tokenizer encodes as ordi
 (never as a control token; see Tokenizer.encode). Every pattern is a compiled regular expression
 guarded by a literal that must occur in the text first (a substring test runs at memory speed,
 so most detectors cost nothing on text that cannot hold their item). detect-secrets itself scans
-a line at a time through ~25 plugins and measured 0.1 MB/s on the built-in corpus: its patterns
-are used here, its engine is not.
+a line at a time through ~25 plugins and measured 0.2 MB/s on the built-in corpus (this module:
+29 MB/s for secrets): its patterns are used here, its engine is not.
 """
 
 from __future__ import annotations
