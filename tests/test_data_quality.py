@@ -269,8 +269,13 @@ def test_canaries_go_to_training_the_stated_number_of_times(tmp_path):
         assert canary["text"] not in text["val"]
 
 
-def test_planted_makers_cover_every_scrub_type():
-    assert set(MAKERS) == set(SCRUB_TYPES)
+def test_scrub_choices_match_the_registry_and_the_planted_makers():
+    import typing
+
+    from lmkiln.config import all_keys
+
+    (item,) = typing.get_args(all_keys()["data.scrub"])
+    assert set(typing.get_args(item)) == set(SCRUB_TYPES) == set(MAKERS)
 
 
 @pytest.mark.slow
