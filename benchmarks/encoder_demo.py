@@ -20,7 +20,8 @@ from pathlib import Path
 
 from lmkiln.config import load_config
 from lmkiln.data.shards import is_validation
-from lmkiln.interop.encoders import evaluate_pairs, load_encoder
+from lmkiln.encoders.model import load_encoder
+from lmkiln.encoders.retrieval import evaluate_pairs
 from lmkiln.tasks import run_task
 
 

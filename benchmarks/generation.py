@@ -6,8 +6,9 @@ the same weights on both sides. Each side greedily generates `new_tokens` tokens
 prompts at batch 1 and batch 8 (EOS does not stop either, so both produce exactly the same
 number of tokens); tokens/s counts generated tokens over the whole call, prefill included, after
 one untimed warm-up call each (oneDNN and MKL pick their kernels on first use). The
-generated ids are compared as a sanity check (greedy decoding of the same weights). A third row
-runs lmkiln with its decode kernels (`lmkiln.model._decode`) hidden, to show what they add.
+generated ids are compared as a sanity check (greedy decoding of the same weights). lmkiln's model
+has its Linear layers swapped as `load_run` does (`kernels.swap_linears(model, "auto")`: oneDNN's
+GEMV on AVX-512 CPUs); a third row keeps torch's default GEMM (MKL) to show what that choice is worth.
 """
 
 from __future__ import annotations
@@ -23,19 +24,19 @@ from benchmarks.common import SHAPES, load_average, median, ratio, spread
 
 log = logging.getLogger("lmkiln.bench")
 PROMPT_TOKENS = 16
-TORCH_KERNELS = "lmkiln, torch kernels"
-"""The same generate_ids without lmkiln's decode kernels (`lmkiln.model._decode`): what they are worth."""
+TORCH_KERNELS = "lmkiln, default GEMM"
+"""The same generate_ids with torch's default GEMM (MKL) instead of oneDNN: what the swap is worth."""
 
 
 @contextmanager
-def without_decode_kernel():
-    from lmkiln.model import decode
+def default_gemm(model):
+    from lmkiln.model.kernels import swap_linears
 
-    saved, decode._decode = decode._decode, None
+    swap_linears(model, "default")
     try:
         yield
     finally:
-        decode._decode = saved
+        swap_linears(model, "auto")
 
 
 def build(corpus: str) -> tuple:
@@ -45,6 +46,7 @@ def build(corpus: str) -> tuple:
     from lmkiln.data.corpus import iter_documents
     from lmkiln.data.tokenizer import train_bpe
     from lmkiln.interop.hf_export import export_model
+    from lmkiln.model.kernels import swap_linears
     from lmkiln.model.transformer import Transformer
 
     texts = [d.text for d in iter_documents(corpus, "text", "paragraph")]
@@ -62,7 +64,7 @@ def build(corpus: str) -> tuple:
         bias=True,
     )
     torch.manual_seed(0)
-    model = Transformer(cfg).eval()
+    model = swap_linears(Transformer(cfg).eval(), "auto")  # as lmkiln.runs.load does
     out = tempfile.mkdtemp(prefix="lmkiln-bench-export-")
     export_model(model, tok, out)
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True).eval()
@@ -72,7 +74,7 @@ def build(corpus: str) -> tuple:
 
 
 def measure(corpus: str, new_tokens: int, rounds: int) -> dict:
-    from lmkiln.infer.generate import Sampling, generate_ids
+    from lmkiln.model.generate import Sampling, generate_ids
 
     model, hf, tok, prompts, cfg = build(corpus)
     sampling = Sampling(max_new_tokens=new_tokens, temperature=0.0)
@@ -89,7 +91,7 @@ def measure(corpus: str, new_tokens: int, rounds: int) -> dict:
             start = time.perf_counter()
             ours = generate_ids(model, rows, sampling, eos_id=None, pad_id=tok.pad_id)
             times["lmkiln"].append(time.perf_counter() - start)
-            with without_decode_kernel():
+            with default_gemm(model):
                 start = time.perf_counter()
                 generate_ids(model, rows, sampling, eos_id=None, pad_id=tok.pad_id)
                 times[TORCH_KERNELS].append(time.perf_counter() - start)
@@ -120,7 +122,7 @@ def measure(corpus: str, new_tokens: int, rounds: int) -> dict:
             "speedup_vs_transformers": round(
                 ratio(table["lmkiln"]["tokens_per_s"], table["transformers"]["tokens_per_s"]), 3
             ),
-            "decode_kernels_speedup": round(
+            "onednn_gemv_speedup": round(
                 ratio(table["lmkiln"]["tokens_per_s"], table[TORCH_KERNELS]["tokens_per_s"]), 3
             ),
             "greedy_ids_identical": ours == theirs,

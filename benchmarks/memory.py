@@ -50,7 +50,7 @@ def worker(candidate: str, shape_name: str, steps: int, overrides: list[str]) ->
     if candidate == "transformers":  # what a Trainer user imports (transformers loads lazily)
         from transformers import GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: F401
     else:
-        import lmkiln.train.pretrain  # noqa: F401
+        import lmkiln.tasks.pretrain  # noqa: F401
     shape = SHAPES[shape_name]
     tokens = synthetic_tokens(shape.vocab_size)
     imports = current_rss_mb()

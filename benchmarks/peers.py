@@ -101,24 +101,29 @@ def lmkiln_run(
     seed: int = 0,
 ) -> Timed:
     """Train through lmkiln's TrainLoop (no run directory: nothing is written) and time every step."""
+    from lmkiln.config import resolve
     from lmkiln.data.loader import RandomWindows
     from lmkiln.model.transformer import training_flops_per_token
+    from lmkiln.tasks.pretrain import build_transformer
     from lmkiln.train.distributed import parallelize
     from lmkiln.train.loop import TrainLoop, TrainSetup
     from lmkiln.train.objectives import LanguageModelLoss
     from lmkiln.train.optim import build_optimizer
-    from lmkiln.train.pretrain import build_model
     from lmkiln.train.runtime import Runtime
 
     cfg = lmkiln_config(shape, steps, [f"train.device={device.type}", f"train.seed={seed}", *extra])
     runtime = Runtime.start(cfg.train, cfg.dist)
-    model = build_model(cfg.model, runtime.device, cfg.train.seed, cfg.train.activation_checkpointing)
+    model = build_transformer(
+        cfg.model, runtime.device, cfg.train.seed, cfg.train.activation_checkpointing, cfg.train.cpu_matmul
+    )
     train_model = parallelize(model, cfg, runtime)
     optimizer = build_optimizer(model, cfg.optim)
     timed = Timed(model=model)
-    micro = cfg.train.micro_batch_size or cfg.train.batch_size
+    run = resolve(cfg, runtime.world_size)
     batches = TimedStream(
-        RandomWindows([tokens], cfg.train.seq_len, micro, cfg.train.seed), timed, runtime.device
+        RandomWindows([tokens], cfg.train.seq_len, run.batch.micro_batch_size, cfg.train.seed),
+        timed,
+        runtime.device,
     )
     setup = TrainSetup(
         model=model,
@@ -130,7 +135,7 @@ def lmkiln_run(
         evaluate=evaluate,
         flops_per_token=training_flops_per_token(cfg.model, cfg.train.seq_len),
     )
-    TrainLoop(setup, cfg, runtime, None).fit()
+    TrainLoop(setup, run, runtime, None).fit()
     sync(runtime.device)
     timed.end = time.perf_counter()
     return timed

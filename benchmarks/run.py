@@ -207,7 +207,7 @@ def targets(results: dict) -> list[dict]:
             f"tokenize_{name}_vs_tokenizers",
             tok["speedup_prepare_vs_tokenizers"],
             ">=",
-            5.0,
+            2.0,  # issue 14: 5.0 was set with lmkiln's native C encoder, removed for tiktoken
             "MB/s prepare_shards / tokenizers encode_batch",
         )
         add(
@@ -223,7 +223,7 @@ def targets(results: dict) -> list[dict]:
             "generate_batch1_vs_transformers",
             gen["batch_1"]["speedup_vs_transformers"],
             ">=",
-            2.0,
+            1.5,  # issue 14: 2.0 was set with lmkiln's C decode kernels, removed for plain PyTorch
             "tokens/s lmkiln / transformers.generate, batch 1",
         )
     mem = results.get("memory")
@@ -285,7 +285,7 @@ def table(results: dict) -> str:
                 f"  {batch:8} lmkiln {rows['lmkiln']['tokens_per_s']:8.0f} tok/s   transformers "
                 f"{rows['transformers']['tokens_per_s']:8.0f} tok/s   {gen[batch]['speedup_vs_transformers']:.2f}x   "
                 f"ids identical: {gen[batch]['greedy_ids_identical']}   "
-                f"(without lmkiln's decode kernels: {rows['lmkiln, torch kernels']['tokens_per_s']:.0f} tok/s)"
+                f"(with torch's default GEMM instead of oneDNN: {rows['lmkiln, default GEMM']['tokens_per_s']:.0f} tok/s)"
             )
     mem = results.get("memory")
     for section in (mem, (mem or {}).get("large_vocabulary")):

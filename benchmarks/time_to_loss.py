@@ -113,7 +113,7 @@ def lmkiln_config(
 
 def run_lmkiln(corpus: str, target: float, eval_every: int, eval_tokens: int) -> dict:
     """pretrain() with the recipe; the evaluator is wrapped to keep time and stop at the target."""
-    import lmkiln.train.pretrain as pretrain_module
+    import lmkiln.tasks.pretrain as pretrain_module
 
     with tempfile.TemporaryDirectory(prefix="lmkiln-bench-ttl-") as work:
         cfg = lmkiln_config(corpus, f"{work}/cache", f"{work}/run", eval_every, eval_tokens)
@@ -154,7 +154,7 @@ def run_peer(corpus: str, target: float, eval_every: int, eval_tokens: int) -> d
     from benchmarks.common import Shape
     from lmkiln.data.prepare import build_tokenizer
     from lmkiln.data.shards import prepare_shards
-    from lmkiln.train.pretrain import lm_evaluator
+    from lmkiln.tasks.pretrain import lm_evaluator
     from lmkiln.train.runtime import Runtime
 
     with tempfile.TemporaryDirectory(prefix="lmkiln-bench-ttl-") as work:

@@ -32,8 +32,8 @@ def hang(timeout_s: float) -> None:
 def nan_on_rank1(args: list[str], out: str) -> None:
     """Rank 1's loss is NaN at its 3rd training step; with nonfinite=skip both ranks must skip."""
     from lmkiln.config import load_config
+    from lmkiln.tasks.pretrain import pretrain
     from lmkiln.train.objectives import LanguageModelLoss
-    from lmkiln.train.pretrain import pretrain
 
     original, calls = LanguageModelLoss.__call__, {"n": 0}
 

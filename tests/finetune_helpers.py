@@ -11,8 +11,8 @@ import torch
 from lmkiln.config import Config, FinetuneConfig, load_config, to_dict
 from lmkiln.data.tokenizer import EOS, PAD, Tokenizer, train_bpe
 from lmkiln.model.transformer import Transformer
-from lmkiln.train.checkpoint import CheckpointData, write_checkpoint
-from lmkiln.train.loop import model_tensors
+from lmkiln.runs.checkpoint import CheckpointData, write_checkpoint
+from lmkiln.runs.tensors import model_tensors
 from lmkiln.train.state import TrainState
 
 WORDS = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree"]

@@ -39,20 +39,6 @@ def test_gpu_section_runs_end_to_end_on_the_cpu():
     assert all(row["tokens_per_s"] > 0 and row["steps_timed"] > 0 for row in rows.values())
 
 
-@pytest.mark.slow
-def test_decode_gemv_benchmark_runs_and_leaves_the_thread_settings_as_they_were():
-    from benchmarks.decode_gemv import measure
-    from lmkiln.model import decode
-
-    if not decode.available():
-        pytest.skip("lmkiln.model._decode was not built")
-    threads = torch.get_num_threads()
-    report = measure(rounds=1)
-    assert set(report["rows"]) == {"lmkiln", "onednn", "mkl"} and report["weights_mb"] == 48.8
-    assert all(row["ms_per_token"] > 0 for row in report["rows"].values())
-    assert torch.get_num_threads() == threads and decode.threads == 0
-
-
 def test_data_audit_sections_run_on_small_sizes(tmp_path):
     from benchmarks import data_audit
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+import yaml
+from conftest import run_cli
 
 from lmkiln.config import (
     MODEL_PRESETS,
@@ -137,13 +139,13 @@ def test_supervised_literal_choices_match_the_registries():
     import typing
 
     from lmkiln.model.mlp import ACTIVATIONS
-    from lmkiln.tasks import TASKS
+    from lmkiln.tasks import TASK_RUNNERS
     from lmkiln.train.objectives import LOSS_KINDS, SUPERVISED_LOSSES
 
     keys = all_keys()
     assert set(typing.get_args(keys["loss.name"])) == set(SUPERVISED_LOSSES) == set(LOSS_KINDS)
     assert set(typing.get_args(keys["mlp.activation"])) == set(ACTIVATIONS)
-    assert set(typing.get_args(keys["task"])) == set(TASKS)
+    assert set(typing.get_args(keys["task"])) == set(TASK_RUNNERS)
 
 
 def test_presets_are_valid_configs():
@@ -165,10 +167,64 @@ def test_override_syntax_errors():
 def test_finetune_choices_match_the_registries():
     import typing
 
-    from lmkiln.eval.runner import TASKS as EVAL_TASKS
-    from lmkiln.finetune.classify import POOLING
-    from lmkiln.finetune.formats import FORMATS
+    from lmkiln.data.formats import FORMATS
+    from lmkiln.eval.runner import EVAL_TASKS
+    from lmkiln.model.classifier import POOLING
 
     keys = all_keys()
-    assert set(typing.get_args(keys["finetune.format"])) == set(FORMATS) == set(EVAL_TASKS) - {"perplexity", "memorization"}
+    assert (
+        set(typing.get_args(keys["finetune.format"]))
+        == set(FORMATS)
+        == set(EVAL_TASKS) - {"perplexity", "memorization"}
+    )
     assert set(typing.get_args(keys["finetune.pooling"])) == set(POOLING)
+
+
+def test_a_command_shows_and_saves_only_the_sections_its_task_reads():
+    from lmkiln.config import TASK_SECTIONS, to_yaml
+
+    for recipe, task in (("default", "pretrain"), ("digits-mlp", "supervised"), ("sft-chat", "finetune")):
+        shown = yaml.safe_load(to_yaml(load_config(recipe=recipe), derived=False))
+        assert {k for k, v in shown.items() if isinstance(v, dict)} == set(TASK_SECTIONS[task]), recipe
+
+
+def test_a_key_of_another_tasks_section_names_the_task_that_owns_it():
+    with pytest.raises(
+        LmkilnError,
+        match=r"^config key 'table.path' \(command line\) belongs to task 'supervised', not 'pretrain'$",
+    ):
+        load_config(overrides=["table.path=my.csv"])
+    with pytest.raises(LmkilnError, match="belongs to task 'pretrain', not 'supervised'"):
+        load_config(recipe="digits-mlp", overrides=["model.n_layer=2"])
+    proc = run_cli("train", "--print-config", "encoder.base=x")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "belongs to task 'encoder', not 'pretrain'" in proc.stderr
+
+
+def test_a_config_file_with_every_section_loads_when_the_foreign_ones_hold_defaults(tmp_path):
+    from lmkiln.config import to_dict
+
+    every = to_dict(load_config(), every_section=True)  # what lmkiln 0.1 saved for every run
+    file = tmp_path / "old.yaml"
+    file.write_text(yaml.safe_dump(every))
+    assert load_config(config_file=str(file)) == load_config()
+    every["mlp"]["hidden"] = [7]  # a foreign setting that says something is still refused
+    file.write_text(yaml.safe_dump(every))
+    with pytest.raises(
+        LmkilnError, match=r"config key 'mlp.hidden' \(.*old.yaml\) belongs to task 'supervised'"
+    ):
+        load_config(config_file=str(file))
+
+
+def test_batch_plan_splits_an_unset_micro_batch_over_the_processes():
+    from lmkiln.config import batch_plan, resolve
+
+    plan = batch_plan(load_config().train, world_size=2)
+    assert (plan.micro_batch_size, plan.accumulation) == (8, 1)
+    assert batch_plan(load_config(overrides=["train.micro_batch_size=4"]).train, 2).accumulation == 2
+    with pytest.raises(LmkilnError, match=r"multiple of train.micro_batch_size \(8\) × processes \(4\)"):
+        batch_plan(load_config(overrides=["train.micro_batch_size=8"]).train, 4)
+    cfg = load_config()
+    run = resolve(cfg, 1, vocab_size=300, derived={"train.seq_len": 64})
+    assert (run.cfg.model.vocab_size, run.cfg.train.seq_len) == (300, 64)
+    assert (cfg.model.vocab_size, cfg.train.seq_len) == (0, 256)  # the user's config is untouched

@@ -75,7 +75,7 @@ def test_missing_corpus_and_csv_column(tmp_path):
 
 
 def test_block_decoding_keeps_lines_numbers_and_errors(tmp_path, monkeypatch):
-    import lmkiln.data.corpus as corpus
+    import lmkiln.data.textfile as corpus  # the block reader every corpus goes through
 
     body = "α one\r\ntwo\rstill two\n\n\nthree é\n"
     f = write(tmp_path / "a.txt", "\ufeff" + body * 2 + "last line")
@@ -131,7 +131,7 @@ def _reference_documents(raw: str, unit: str) -> list[tuple[int, str]]:
 @settings(max_examples=150, deadline=None)
 @given(text=st.text(alphabet="ab é\n\r\t\x0c\x1c\u2028\ufeff", max_size=80), block=st.integers(1, 40))
 def test_paragraphs_and_lines_match_the_line_by_line_definition(tmp_path_factory, text, block):
-    import lmkiln.data.corpus as corpus
+    import lmkiln.data.textfile as corpus  # the block reader every corpus goes through
 
     f = write(tmp_path_factory.mktemp("c") / "t.txt", text)
     saved, corpus.READ_BLOCK = corpus.READ_BLOCK, block

@@ -281,7 +281,7 @@ def test_scrub_choices_match_the_registry_and_the_planted_makers():
 @pytest.mark.slow
 def test_a_canary_seen_often_is_exposed_and_one_seen_once_is_not(tmp_path):
     """A tiny run on ~60 KB: canaries with 200 copies reach high exposure, once-seen ones stay low."""
-    from lmkiln.train.pretrain import pretrain
+    from lmkiln.tasks.pretrain import pretrain
 
     text = "".join(_pydoc_texts())[:60_000]
     corpus = write(tmp_path / "small.txt", text)

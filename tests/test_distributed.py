@@ -18,8 +18,8 @@ from test_train import synthetic_corpus
 
 from lmkiln.config import from_dict
 from lmkiln.model.transformer import Transformer
-from lmkiln.train import checkpoint as ckpt
-from lmkiln.train.distributed import consolidate
+from lmkiln.runs import checkpoint as ckpt
+from lmkiln.runs.dcp import consolidate
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -187,3 +187,24 @@ def test_a_nonfinite_step_on_one_rank_is_skipped_by_every_rank(runs):
     ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in (0, 1)]
     assert ranks[0]["hash"] == ranks[1]["hash"]  # replicas stayed identical
     assert ranks[0]["nonfinite"] == ranks[1]["nonfinite"] == 1 and ranks[0]["step"] == 12
+
+
+def test_the_default_recipe_runs_on_two_processes_as_shipped(tmp_path):
+    """`lmkiln train --nproc 2` with the default recipe: an unset train.micro_batch_size splits the
+    global batch (16) over the processes (8 each) instead of refusing to start."""
+    run = tmp_path / "default"
+    proc = run_cli(
+        "train",
+        "--nproc",
+        "2",
+        "train.max_steps=2",
+        "train.sample_tokens=0",
+        "log.plot=false",
+        f"train.run_dir={run}",
+        env=ENV,
+        check=True,
+    )
+    assert "2 steps × 16 sequences × 128 tokens" in proc.stderr and "2 processes" in proc.stderr
+    saved = json.loads((run / "checkpoints" / "step_000002" / "trainer.json").read_text())
+    assert saved["fingerprint"]["train.micro_batch_size"] == 8 and saved["world_size"] == 2
+    assert saved["config"]["train"]["micro_batch_size"] == 0  # the user's setting, not a rewrite

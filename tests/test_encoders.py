@@ -11,7 +11,7 @@ import torch
 from conftest import run_cli, write
 
 from lmkiln.errors import LmkilnError
-from lmkiln.eval.retrieval import retrieval_metrics
+from lmkiln.train.metrics import retrieval_metrics
 
 transformers = pytest.importorskip("transformers")
 
@@ -128,7 +128,7 @@ def contrastive_batch(q_rows, p_rows, valid):
 
 
 def test_mean_pooling_ignores_padding_and_cls_takes_the_first_token():
-    from lmkiln.interop.encoders import pool
+    from lmkiln.encoders.model import pool
 
     states = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
@@ -138,7 +138,7 @@ def test_mean_pooling_ignores_padding_and_cls_takes_the_first_token():
 
 
 def test_contrastive_loss_is_infonce_over_cosine_similarities():
-    from lmkiln.interop.encoders import ContrastiveLoss
+    from lmkiln.encoders.retrieval import ContrastiveLoss
 
     table = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
     model = FixedEmbeddings(table)
@@ -153,7 +153,7 @@ def test_contrastive_loss_is_infonce_over_cosine_similarities():
 
 
 def test_padding_slots_are_neither_queries_nor_negatives():
-    from lmkiln.interop.encoders import ContrastiveLoss
+    from lmkiln.encoders.retrieval import ContrastiveLoss
 
     model = FixedEmbeddings(torch.randn(8, 5, generator=torch.Generator().manual_seed(1)))
     loss = ContrastiveLoss(0.05, symmetric=True)
@@ -181,7 +181,7 @@ def test_retrieval_metrics_by_hand_and_ties_count_against():
 
 
 def test_bad_lines_name_the_file_and_line(tmp_path):
-    from lmkiln.interop.encoders import read_jsonl
+    from lmkiln.encoders.data import read_jsonl
 
     path = write(tmp_path / "pairs.jsonl", '{"query": "a", "positive": "b"}\n\n{"query": "c"}\n')
     with pytest.raises(LmkilnError, match=r"pairs.jsonl:3: no field 'positive'.*--encoder.positive_field"):
@@ -286,7 +286,7 @@ def labeled_rows(n: int, seed: int) -> list[dict]:
 
 def test_classification_fine_tuning_learns_labels_and_saves_the_head(tmp_path):
     from lmkiln.config import load_config
-    from lmkiln.interop.encoders import load_encoder
+    from lmkiln.encoders.model import load_encoder
     from lmkiln.tasks import run_task
 
     base = tiny_bert(tmp_path / "bert")
@@ -337,7 +337,8 @@ def _minilm_dir():
 @pytest.mark.slow
 def test_pretrained_minilm_from_the_offline_package(tmp_path):
     """all-MiniLM-L6-v2 (a real sentence encoder) loads, finds paraphrases, and fine-tunes."""
-    from lmkiln.interop.encoders import evaluate_pairs, load_encoder
+    from lmkiln.encoders.model import load_encoder
+    from lmkiln.encoders.retrieval import evaluate_pairs
 
     directory = _minilm_dir()
     loaded = load_encoder(directory)
@@ -384,7 +385,7 @@ def test_pretrained_minilm_from_the_offline_package(tmp_path):
 
 
 def test_custom_model_code_is_never_run(tmp_path):
-    from lmkiln.interop.encoders import load_encoder
+    from lmkiln.encoders.model import load_encoder
 
     base = tiny_bert(tmp_path / "bert")
     config = json.loads((tmp_path / "bert" / "config.json").read_text())

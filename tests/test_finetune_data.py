@@ -7,19 +7,16 @@ import torch
 from finetune_helpers import tokenizer, write_jsonl
 
 from lmkiln.config import FinetuneConfig
+from lmkiln.data.formats import FORMATS, Record, read_records
 from lmkiln.data.loader import IGNORE_INDEX
-from lmkiln.data.tokenizer import CHATML_TEMPLATE, IM_END, IM_START
-from lmkiln.errors import LmkilnError
-from lmkiln.finetune.examples import (
+from lmkiln.data.task_examples import (
     ExampleEncoder,
     LengthReport,
     pack_plan,
     packed_collate,
     padded_collate,
 )
-from lmkiln.finetune.formats import FORMATS, Record, read_records
-from lmkiln.finetune.setup import prepare_tokenizer
-from lmkiln.finetune.templates import (
+from lmkiln.data.templates import (
     ChatTemplate,
     TemplateError,
     chat_template_of,
@@ -28,6 +25,9 @@ from lmkiln.finetune.templates import (
     prompt_pieces,
     render,
 )
+from lmkiln.data.tokenizer import CHATML_TEMPLATE, IM_END, IM_START
+from lmkiln.errors import LmkilnError
+from lmkiln.finetune.prepare import prepare_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "You reverse word lists."},

@@ -11,7 +11,8 @@ from conftest import ROOT
 
 from lmkiln.config import ModelConfig
 from lmkiln.data.tokenizer import train_char
-from lmkiln.infer.generate import Sampling, filter_logits, generate_ids, generate_text
+from lmkiln.infer.generate import generate_text
+from lmkiln.model.generate import Sampling, filter_logits, generate_ids
 from lmkiln.model.transformer import Transformer
 
 TEXT = "the cat sat on the mat. the dog sat on the log. " * 20
@@ -113,7 +114,7 @@ def test_tensorboard_logging_writes_event_files(tmp_path):
     pytest.importorskip("tensorboard")
     from test_train import tiny_cfg
 
-    from lmkiln.train.pretrain import pretrain
+    from lmkiln.tasks.pretrain import pretrain
 
     pretrain(tiny_cfg(tmp_path, "train.max_steps=4", "train.log_every=2", "log.tensorboard=true"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmkiln.config import ModelConfig
-from lmkiln.infer.generate import Sampling, generate_ids
+from lmkiln.model.generate import Sampling, generate_ids
 from lmkiln.model.transformer import Transformer
 
 GREEDY = Sampling(max_new_tokens=12, temperature=0.0)

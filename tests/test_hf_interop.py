@@ -10,10 +10,11 @@ import torch
 from conftest import run_cli
 
 from lmkiln.config import ModelConfig
+from lmkiln.data.templates import render_chat
 from lmkiln.data.tokenizer import Tokenizer, train_bpe
 from lmkiln.errors import LmkilnError
 from lmkiln.interop.hf_export import export_model, verify_export
-from lmkiln.interop.hf_import import load_hf_model, load_pretrained, render_chat
+from lmkiln.interop.hf_import import load_hf_model, load_pretrained
 from lmkiln.model.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -403,7 +404,7 @@ def test_init_from_rejects_a_context_shorter_than_seq_len(tokenizer, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from lmkiln.config import load_config
-    from lmkiln.train.pretrain import pretrain
+    from lmkiln.tasks.pretrain import pretrain
 
     GPT2LMHeadModel(
         GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=1, n_head=2, n_positions=16)
@@ -426,7 +427,7 @@ def test_init_from_rejects_a_context_shorter_than_seq_len(tokenizer, tmp_path):
 def test_init_from_an_lmkiln_run_starts_from_its_weights(tmp_path):
     from test_train import tiny_cfg
 
-    from lmkiln.train.pretrain import pretrain
+    from lmkiln.tasks.pretrain import pretrain
 
     first = pretrain(tiny_cfg(tmp_path, "train.max_steps=10", "train.eval_every=10"))
     cfg = tiny_cfg(

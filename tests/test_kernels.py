@@ -14,12 +14,6 @@ from lmkiln.train.optim import build_optimizer
 onednn = pytest.mark.skipif(not kernels.onednn_available(), reason="this torch build has no oneDNN")
 
 
-@pytest.fixture(autouse=True)
-def restore_choice():
-    yield
-    kernels.set_cpu_matmul("auto")
-
-
 # x shape (..., K) and N: the first takes the transposed-x branch of _weight_grad, the others the
 # transposed-grad branch; 2-D and 3-D inputs
 SHAPES = [((64, 16), 96), ((2, 40, 96), 24), ((3, 32, 48), 16)]
@@ -29,14 +23,13 @@ SHAPES = [((64, 16), 96), ((2, 40, 96), 24), ((3, 32, 48), 16)]
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize(("x_shape", "out"), SHAPES)
 def test_onednn_linear_forward_and_gradients_equal_f_linear(x_shape, out, bias):
-    kernels.set_cpu_matmul("onednn")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*x_shape, generator=g, requires_grad=True)
     w = torch.randn(out, x_shape[-1], generator=g, requires_grad=True)
     b = torch.randn(out, generator=g, requires_grad=True) if bias else None
     grad = torch.randn(*x_shape[:-1], out, generator=g)
     results = []
-    for fn in (kernels.linear, F.linear):
+    for fn in (kernels.onednn_linear, F.linear):
         y = fn(x, w, b)
         y.backward(grad)
         results.append([y.detach(), x.grad, w.grad, None if b is None else b.grad])
@@ -51,14 +44,12 @@ def test_onednn_linear_forward_and_gradients_equal_f_linear(x_shape, out, bias):
 
 
 @onednn
-def test_small_gemms_and_other_dtypes_stay_on_the_default_path():
-    kernels.set_cpu_matmul("onednn")
+def test_other_dtypes_and_autocast_stay_on_the_default_path():
     w = torch.randn(8, 16)
-    assert not kernels._eligible(torch.randn(kernels.MIN_ROWS - 1, 16), w)  # e.g. one generated token
+    assert kernels._eligible(torch.randn(1, 16), w)  # one generated token: oneDNN's GEMV
     assert not kernels._eligible(torch.randn(64, 16, dtype=torch.float64), w.double())
-    assert kernels._eligible(torch.randn(kernels.MIN_ROWS, 16), w)
-    kernels.set_cpu_matmul("default")
-    assert not kernels._eligible(torch.randn(64, 16), w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not kernels._eligible(torch.randn(64, 16), w)
 
 
 @onednn
@@ -79,7 +70,7 @@ def test_transformer_logits_and_gradients_match_the_default_gemm():
     ids = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(1))
     outputs = {}
     for choice in ("onednn", "default"):
-        kernels.set_cpu_matmul(choice)
+        kernels.swap_linears(model, choice)
         model.zero_grad()
         logits = model(ids)
         F.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
@@ -89,22 +80,34 @@ def test_transformer_logits_and_gradients_match_the_default_gemm():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_linear_is_an_nn_linear_with_the_same_state_dict():
-    layer = kernels.Linear(8, 4)
-    assert isinstance(layer, torch.nn.Linear)  # what LoRA (peft) and the init code look for
-    assert set(layer.state_dict()) == set(torch.nn.Linear(8, 4).state_dict())
+@onednn
+def test_swap_linears_keeps_parameters_ties_and_state_dict():
+    cfg = ModelConfig(vocab_size=97, d_model=32, n_head=4, n_layer=1, block_size=16)
+    model = Transformer(cfg)
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    before = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
+    keys = set(model.state_dict())
+    kernels.swap_linears(model, "onednn")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is kernels.OneDNNLinear for m in linears)  # peft still sees nn.Linear
+    after = dict(model.named_parameters(remove_duplicate=False))
+    assert all(after[n] is p for n, p in before.items())  # the same Parameter objects: no copy
+    assert model.lm_head.weight is model.tok_embed.weight  # tied weights stay tied
+    assert set(model.state_dict()) == keys
+    kernels.swap_linears(model, "default")
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 def test_unknown_choice_is_refused():
     with pytest.raises(ValueError, match="one of auto, onednn, default"):
-        kernels.set_cpu_matmul("mkl")
+        kernels.swap_linears(torch.nn.Linear(2, 2), "mkl")
 
 
-def test_cpu_matmul_config_reaches_the_process_setting():
-    from lmkiln.train.runtime import Runtime
-
-    Runtime.start(load_config(overrides=["train.cpu_matmul=default", "train.device=cpu"]).train)
-    assert not kernels.use_onednn()
+def test_two_models_in_one_process_keep_their_own_gemm():
+    """No process-wide switch: swapping one model leaves another alone."""
+    a, b = torch.nn.Sequential(torch.nn.Linear(4, 4)), torch.nn.Sequential(torch.nn.Linear(4, 4))
+    kernels.swap_linears(a, "onednn" if kernels.onednn_available() else "default")
+    assert type(b[0]) is torch.nn.Linear
 
 
 def test_auto_optimizer_is_fused_on_cpu():
@@ -126,3 +129,13 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@onednn
+def test_train_cpu_matmul_reaches_the_model_built_for_training():
+    from lmkiln.tasks.pretrain import build_transformer
+
+    cfg = ModelConfig(vocab_size=97, d_model=32, n_head=4, n_layer=1, block_size=16)
+    for choice, kind in (("onednn", kernels.OneDNNLinear), ("default", torch.nn.Linear)):
+        model = build_transformer(cfg, torch.device("cpu"), 0, cpu_matmul=choice)
+        assert {type(m) for m in model.modules() if isinstance(m, torch.nn.Linear)} == {kind}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmkiln.eval.metrics import classification_metrics, confusion_matrix, per_class_f1, regression_metrics
+from lmkiln.train.metrics import classification_metrics, confusion_matrix, per_class_f1, regression_metrics
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
@@ -48,7 +48,7 @@ def test_regression_metrics_match_sklearn():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_multilabel_metrics_match_sklearn(seed):
-    from lmkiln.eval.metrics import multilabel_metrics
+    from lmkiln.train.metrics import multilabel_metrics
 
     g = torch.Generator().manual_seed(seed)
     target = torch.rand(150, 4, generator=g) < 0.4
@@ -67,7 +67,7 @@ def test_multilabel_metrics_match_sklearn(seed):
 
 
 def test_task_metrics_decode_outputs_like_the_loss():
-    from lmkiln.eval.metrics import METRIC_NAMES, task_metrics
+    from lmkiln.train.metrics import METRIC_NAMES, task_metrics
 
     logits = torch.tensor([[2.0, -1.0, 0.5], [-3.0, 0.1, 0.2]])
     assert task_metrics("classification", logits, torch.tensor([0, 1]))["accuracy"] == 0.5

@@ -24,10 +24,10 @@ from test_train import synthetic_corpus, tiny_cfg, weights_hash
 from lmkiln.data.shards import TokenShards
 from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.errors import LmkilnError
-from lmkiln.train import checkpoint as ckpt
-from lmkiln.train.loop import NonFiniteError
+from lmkiln.runs import checkpoint as ckpt
+from lmkiln.tasks.pretrain import pretrain
+from lmkiln.train.nonfinite import NonFiniteError
 from lmkiln.train.objectives import LanguageModelLoss
-from lmkiln.train.pretrain import pretrain
 
 STEPS = 20
 

@@ -12,14 +12,15 @@ import torch
 from conftest import ROOT
 from torch import nn
 
-from lmkiln.data.examples import collate
+from lmkiln.data.labelled import collate
 from lmkiln.data.loader import EpochBatches
 from lmkiln.errors import LmkilnError
-from lmkiln.train import checkpoint as ckpt
-from lmkiln.train.loop import model_tensors, train_step
+from lmkiln.runs import checkpoint as ckpt
+from lmkiln.runs.tensors import model_tensors
 from lmkiln.train.objectives import SUPERVISED_LOSSES, SupervisedLoss, loss_from_criterion
 from lmkiln.train.optim import OPTIMIZERS
 from lmkiln.train.runtime import Runtime
+from lmkiln.train.step import train_step
 from lmkiln.train.supervised import Trainer
 
 CPU = Runtime(torch.device("cpu"))
@@ -72,7 +73,7 @@ def test_zero_weight_examples_change_neither_loss_nor_gradient(name):
 @pytest.mark.parametrize("name", ["cross_entropy", "mse"])
 def test_micro_batches_of_a_short_last_step_equal_one_batch(name):
     """7 examples, batch 8 in micro-batches of 2: padding is dealt round-robin, the step is still exact."""
-    from lmkiln.data.examples import TensorExamples
+    from lmkiln.data.labelled import TensorExamples
 
     g = torch.Generator().manual_seed(2)
     kind = "classification" if name == "cross_entropy" else "regression"

@@ -102,7 +102,7 @@ def test_example_scripts_reach_their_accuracy(tmp_path, script, floor):
 
 
 def test_csv_text_labels_classification(tmp_path):
-    from lmkiln.train.tabular import train_table
+    from lmkiln.tasks.supervised import train_table
 
     a, b = make_rows()
     names = np.where(a + b > 0.5, "high", np.where(a + b < -0.5, "low", "mid"))
@@ -120,7 +120,7 @@ def test_parquet_regression_and_multilabel(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    from lmkiln.train.tabular import train_table
+    from lmkiln.tasks.supervised import train_table
 
     a, b = make_rows(300, seed=1)
     table = {"a": a, "b": b, "y": 2 * a - b, "p": (a > 0).astype(int), "q": (b > 0).astype(int)}
@@ -141,7 +141,7 @@ def test_parquet_regression_and_multilabel(tmp_path):
 def test_table_checks_in_process(tmp_path):
     from lmkiln.data.tables import load_table
 
-    cfg = load_config(overrides=[f"table.path={tmp_path / 'missing.csv'}"]).table
+    cfg = load_config(overrides=["task=supervised", f"table.path={tmp_path / 'missing.csv'}"]).table
     with pytest.raises(LmkilnError, match="table not found"):
         load_table(cfg, "classification")
     path = write(tmp_path / "t.csv", "a,b,label\n1,2,0\n3,x,1\n")
@@ -192,8 +192,10 @@ def test_mlp_config_builds_the_classic_layers():
 
     from lmkiln.model.mlp import build_mlp
 
-    cfg = load_config(overrides=["mlp.hidden=[8,4]", "mlp.dropout=0.2", "mlp.activation=tanh"]).mlp
+    cfg = load_config(
+        overrides=["task=supervised", "mlp.hidden=[8,4]", "mlp.dropout=0.2", "mlp.activation=tanh"]
+    ).mlp
     layers = [type(m) for m in build_mlp(cfg, 6, 3).layers]
     assert layers == [nn.Linear, nn.Tanh, nn.Dropout, nn.Linear, nn.Tanh, nn.Dropout, nn.Linear]
-    linear = build_mlp(load_config(overrides=["mlp.hidden=[]"]).mlp, 64, 10)
+    linear = build_mlp(load_config(overrides=["task=supervised", "mlp.hidden=[]"]).mlp, 64, 10)
     assert [type(m) for m in linear.layers] == [nn.Linear] and linear.layers[0].weight.shape == (10, 64)

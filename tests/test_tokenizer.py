@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmkiln.data.corpus import iter_documents
-from lmkiln.data.fast_encode import PROBE_TEXT
+from lmkiln.data.fast_encode import PROBE_TEXT, FastPathMismatch
 from lmkiln.data.tokenizer import EOS, SPECIAL_TOKENS, Tokenizer, bytes_per_token, train_bpe, train_char
 from lmkiln.errors import LmkilnError
 
@@ -148,28 +148,11 @@ def test_lookahead_cuts_mark_the_last_character_of_runs_before_text():
     assert [c.tolist() for c in lookahead_cuts(texts)] == [[2], [], [], [3, 6], [], [1], [], []]
 
 
-# -- the native encoder (lmkiln.data._bpe) -----------------------------------------------------
-
-try:
-    from lmkiln.data import _bpe
-except ImportError:  # the extension was not compiled (no C compiler when lmkiln was installed)
-    _bpe = None
-needs_native = pytest.mark.skipif(
-    _bpe is None,
-    reason="lmkiln.data._bpe is not compiled here (install with a C compiler, or run "
-    "`python setup.py build_ext --inplace`)",
-)
+# -- the byte-level fast path (tiktoken built from the same merges) ----------------------------
 
 
-def _native_encoder(tok: Tokenizer):
-    encoder = tok._fast.free.get()
-    tok._fast.free.put(encoder)  # single-threaded tests: borrowing it back is safe
-    return encoder
-
-
-@needs_native
-def test_native_encoder_is_the_byte_level_fast_path_and_matches_on_probe_variations():
-    assert _BPE.fast_path == "native"
+def test_tiktoken_is_the_byte_level_fast_path_and_matches_on_probe_variations():
+    assert _BPE.fast_path == "tiktoken"
     texts = [PROBE_TEXT, PROBE_TEXT[::-1], PROBE_TEXT.upper(), PROBE_TEXT.lower(), " ".join(PROBE_TEXT)]
     texts += [PROBE_TEXT * 3, PROBE_TEXT.replace(" ", "  "), PROBE_TEXT.replace("\n", " \n ")]
     assert _BPE.encode_batch(texts) == _BPE.encode_batch_reference(texts)
@@ -188,45 +171,12 @@ PRETOKENIZER_ALPHABET = (
 )
 
 
-@needs_native
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.text(alphabet=PRETOKENIZER_ALPHABET, max_size=60), min_size=1, max_size=8))
-def test_native_encoder_matches_the_reference_on_pretokenizer_edge_cases(texts):
-    assert _BPE.fast_path == "native"
+def test_fast_encoder_matches_the_reference_on_pretokenizer_edge_cases(texts):
     assert _BPE.encode_batch(texts) == _BPE.encode_batch_reference(texts)
 
 
-def _reference_piece_offsets(text: str) -> list[tuple[int, int]]:
-    from tokenizers import pre_tokenizers
-
-    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    return [offsets for _, offsets in pre.pre_tokenize_str(text)]
-
-
-def _native_piece_offsets(text: str) -> list[tuple[int, int]]:
-    offsets, start = [], 0
-    for piece in _bpe.pretokenize(text):
-        offsets.append((start, start + len(piece)))
-        start += len(piece)
-    return offsets
-
-
-@needs_native
-@settings(max_examples=400, deadline=None)
-@given(
-    st.text(alphabet=PRETOKENIZER_ALPHABET, max_size=80)
-    | st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cn",)), max_size=40)
-)
-def test_native_pretokenizer_splits_exactly_where_tokenizers_does(text):
-    # Ids alone would miss a wrong split wherever the vocabulary has no merge across it.
-    pieces = _bpe.pretokenize(text)
-    if pieces is None:  # a character unassigned in the table's Unicode version
-        return
-    assert "".join(pieces) == text
-    assert _native_piece_offsets(text) == _reference_piece_offsets(text)
-
-
-@needs_native
 @pytest.mark.parametrize(
     "text",
     [
@@ -236,59 +186,12 @@ def test_native_pretokenizer_splits_exactly_where_tokenizers_does(text):
         "a  b   c\t\td \n\ne\u3000\u3000f \u3000g\u3000 h\xa0i",  # white-space runs before text
         "end  ",
         "x\u2028 \u2029y 1 2  3 !! ??",
+        "a" * 5000,
+        " " * 5000,
     ],
 )
-def test_native_pretokenizer_on_each_rule_of_the_pattern(text):
-    assert _native_piece_offsets(text) == _reference_piece_offsets(text)
-
-
-@needs_native
-@pytest.mark.parametrize(
-    "text",
-    ["a" * 100_000, "é" * 100_000, "😀" * 50_000, " " * 100_000, "1" * 100_000, "ab" * 50_000, "\x00" * 1000],
-)
-def test_native_encoder_on_long_pieces(text):
-    # Merging is O(n log n) in the piece length (a heap, as in tokenizers): 100k letters are
-    # one piece and take milliseconds.
-    assert _BPE.encode_batch([text, text[:5], text + "!"]) == _BPE.encode_batch_reference(
-        [text, text[:5], text + "!"]
-    )
-
-
-@needs_native
-def test_native_encoder_empties_and_refills_its_piece_cache():
-    import random
-
-    rng = random.Random(1)
-    # 80k distinct pieces of 2-60 bytes: past both the cache's entry limit (65,536) and its key
-    # bytes (1 MiB), several times over with the repeat
-    words = [" " + "".join(rng.choices("etaoinshrdlu", k=rng.randint(1, 59))) for _ in range(80_000)]
-    texts = ["".join(words[i : i + 100]) for i in range(0, len(words), 100)]
-    assert _BPE.encode_batch(texts + texts) == _BPE.encode_batch_reference(texts + texts)
-
-
-@needs_native
-def test_characters_of_unknown_class_and_lone_surrogates_go_to_the_reference():
-    encoder = _native_encoder(_BPE)
-    # U+0378, U+FFFF and U+10FFFF are unassigned in every Unicode version; a surrogate is no
-    # character at all. The extension declines them (None); the wrapper asks tokenizers.
-    unknown = ["Greek \u0378 gap", "nonchar \uffff", "\U0010ffff", "ok text"]
-    assert [ids is None for ids in encoder.encode_batch(unknown)] == [True, True, True, False]
-    reference = _BPE.encode_batch_reference(unknown)
-    assert _BPE.encode_batch(unknown) == reference
-    ids, lengths = _BPE.encode_flat(unknown)
-    assert (ids.tolist(), lengths.tolist()) == (
-        [i for r in reference for i in r],
-        [len(r) for r in reference],
-    )
-    assert encoder.encode_batch(["lone \ud800 surrogate"]) == [None]
-    with pytest.raises(TypeError) as reference:
-        _BPE.encode_batch_reference(["lone \ud800 surrogate"])
-    with pytest.raises(TypeError) as ours:  # the same error tokenizers gives: no silent change
-        _BPE.encode_batch(["lone \ud800 surrogate"])
-    assert str(ours.value) == str(reference.value)
-    with pytest.raises(TypeError, match=r"texts\[1\] is int"):
-        encoder.encode_batch(["fine", 3])
+def test_fast_encoder_on_each_rule_of_the_pattern(text):
+    assert _BPE.encode_batch([text, text + "!"]) == _BPE.encode_batch_reference([text, text + "!"])
 
 
 def _hand_made_bpe(merges: list[tuple[str, str]], vocab: dict[str, int], ignore_merges: bool = False):
@@ -308,36 +211,25 @@ def _byte_vocab() -> dict[str, int]:
     return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
-@needs_native
-def test_merges_follow_the_rank_of_the_merge_rule_not_the_id_of_the_merged_token():
+def test_a_merge_order_tiktoken_cannot_follow_is_caught_and_the_reference_takes_over():
     vocab = {**_byte_vocab(), "bc": 256, "ab": 257}  # "bc" has the lower id...
     tok = _hand_made_bpe([("a", "b"), ("b", "c")], vocab)  # ...but "a b" is the first merge
-    assert tok.fast_path == "native"
-    # tokenizers merges by rule rank: (ab)c; merging by token id (tiktoken's ranks) gives a(bc)
-    assert tok.encode_batch(["abc", "xabcab"]) == [[257, ord("c")], [ord("x"), 257, ord("c"), 257]]
-    assert tok.encode_batch(["abc", "xabcab"]) == tok.encode_batch_reference(["abc", "xabcab"])
+    # tokenizers merges by rule rank: (ab)c; tiktoken by token rank (= id) would give a(bc)
+    texts = ["abc", "xabcab"]
+    expected = [[257, ord("c")], [ord("x"), 257, ord("c"), 257]]
+    assert tok.encode_batch_reference(texts) == expected
+    if tok.fast_path != "tokenizers":  # the probe text has no "abc": the per-batch check must see it
+        with pytest.raises(FastPathMismatch):
+            tok.encode_flat_verified(texts)
+    assert tok.fast_path == "tokenizers"
+    ids, lengths = tok.encode_flat_verified(texts)
+    assert (ids.tolist(), lengths.tolist()) == ([i for r in expected for i in r], [2, 4])
 
 
-@needs_native
-def test_a_repeated_merge_rule_ranks_as_in_tokenizers():
-    vocab = {**_byte_vocab(), "ab": 256, "bc": 257}
-    tok = _hand_made_bpe([("a", "b"), ("b", "c"), ("a", "b")], vocab)  # "a b" ranks 2, after "b c"
-    assert tok.encode_batch(["abc"]) == [[ord("a"), 257]] == tok.encode_batch_reference(["abc"])
-
-
-@needs_native
-def test_ignore_merges_emits_a_piece_that_is_a_token_whole():
-    vocab = {**_byte_vocab(), "ab": 256, "abc": 257}  # no merge reaches "abc"
-    for ignore_merges, expected in ((False, [256, ord("c")]), (True, [257])):
-        tok = _hand_made_bpe([("a", "b")], vocab, ignore_merges=ignore_merges)
-        assert tok.fast_path == "native"
-        assert tok.encode_batch(["abc"]) == [expected] == tok.encode_batch_reference(["abc"])
-
-
-@needs_native
-def test_native_encoder_matches_on_random_merge_tables():
-    """Random rules in random rank order, ids shuffled, repeated pairs and two rules that build
-    the same token: the heap order, tie-breaking and stale-entry checks all match tokenizers."""
+def test_random_merge_tables_give_the_reference_ids_through_the_verified_path():
+    """Random rules in random rank order, ids shuffled, repeated pairs: whatever tiktoken makes of
+    them, the verified path (what shards use) gives the reference's ids on the texts it samples
+    (here every text: a batch of one)."""
     import random
 
     rng = random.Random(0)
@@ -353,9 +245,13 @@ def test_native_encoder_matches_on_random_merge_tables():
         new = tokens[4:]
         ids = rng.sample(range(256, 256 + len(new)), len(new))
         tok = _hand_made_bpe(merges, {**byte_vocab, **dict(zip(new, ids))}, ignore_merges=rng.random() < 0.3)
-        assert tok.fast_path == "native"
         texts = ["".join(rng.choice("aaabbc  ") for _ in range(rng.randint(0, 40))) for _ in range(50)]
-        assert tok.encode_batch(texts) == tok.encode_batch_reference(texts)
+        for text, reference in zip(texts, tok.encode_batch_reference(texts)):
+            try:
+                flat, _ = tok.encode_flat_verified([text])
+            except FastPathMismatch:
+                flat, _ = tok.encode_flat_verified([text])  # the reference from now on
+            assert flat.tolist() == reference
 
 
 def test_a_vocabulary_without_every_byte_has_no_fast_path():
@@ -365,49 +261,23 @@ def test_a_vocabulary_without_every_byte_has_no_fast_path():
     assert tok.fast_path == "tokenizers"
 
 
-def test_without_the_extension_tiktoken_or_tokenizers_take_over(monkeypatch):
+def test_without_tiktoken_tokenizers_takes_over(monkeypatch):
     import sys
 
-    import lmkiln.data
     from lmkiln.data.fast_encode import build_fast_encoder
 
-    monkeypatch.delattr(lmkiln.data, "_bpe", raising=False)
-    monkeypatch.setitem(sys.modules, "lmkiln.data._bpe", None)  # importing it raises ImportError
     texts = PYDOC[:20] + [PROBE_TEXT]
-    try:
-        import tiktoken  # noqa: F401
-    except ImportError:
-        assert build_fast_encoder(_BPE) is None
-    else:
-        encoder = build_fast_encoder(_BPE)
-        assert encoder.name == "tiktoken"
-        assert encoder.encode_batch(texts) == _BPE.encode_batch_reference(texts)
-    monkeypatch.setitem(sys.modules, "tiktoken", None)
-    assert build_fast_encoder(_BPE) is None
+    encoder = build_fast_encoder(_BPE.json, _BPE.encode_batch_reference)
+    assert encoder.name == "tiktoken"
+    assert encoder.encode_batch(texts) == _BPE.encode_batch_reference(texts)
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # importing it raises ImportError
+    assert build_fast_encoder(_BPE.json, _BPE.encode_batch_reference) is None
 
 
-@needs_native
-def test_native_encoder_is_safe_from_several_threads():
+def test_fast_encoder_is_safe_from_several_threads():
     from concurrent.futures import ThreadPoolExecutor
 
     batches = [PYDOC[i::4] for i in range(4)] * 2
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(_BPE.encode_batch, batches))
     assert results == [_BPE.encode_batch_reference(b) for b in batches]
-
-
-@needs_native
-def test_character_class_table_agrees_with_tokenizers_and_unicodedata():
-    import unicodedata
-
-    from tokenizers import pre_tokenizers
-
-    from lmkiln.data._bpe_gen import UNKNOWN, python_class, reference_class
-
-    table = _bpe.char_classes()
-    pre_tokenize = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True).pre_tokenize_str
-    known = [c for c in range(0, 0x110000, 7) if table[c] != UNKNOWN]
-    assert len(known) > 20_000
-    assert all(table[c] == reference_class(c, pre_tokenize) for c in known)
-    if unicodedata.unidata_version == _bpe.UNICODE_VERSION:
-        assert all(table[c] == python_class(c) for c in known)

@@ -13,11 +13,11 @@ from conftest import write
 from lmkiln.config import ModelConfig, ScheduleConfig, load_config
 from lmkiln.data.loader import IGNORE_INDEX
 from lmkiln.model.transformer import Transformer
-from lmkiln.train.loop import train_step
+from lmkiln.tasks.pretrain import pretrain
 from lmkiln.train.objectives import LanguageModelLoss
 from lmkiln.train.optim import build_optimizer, lr_multiplier, parameter_groups
-from lmkiln.train.pretrain import pretrain
 from lmkiln.train.runtime import Runtime
+from lmkiln.train.step import train_step
 
 CPU = Runtime(torch.device("cpu"))
 

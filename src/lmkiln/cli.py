@@ -22,33 +22,57 @@ log = logging.getLogger("lmkiln")
 
 
 def _config_parser(name: str, help_text: str, sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from lmkiln.config import help_text as keys_help
-
+    """A command that takes a config; its --help lists the keys of the task the config runs."""
     parser = sub.add_parser(
         name,
         help=help_text,
         description=help_text,
         allow_abbrev=False,
+        add_help=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (override with --section.key VALUE or section.key=VALUE):" + keys_help(),
+    )
+    parser.add_argument(
+        "-h", "--help", action="store_true", help="show this help with the config keys of the task, and exit"
     )
     parser.add_argument("--recipe", help="built-in recipe (see `lmkiln recipes`)")
     parser.add_argument("--config", help="YAML file with config sections (applied after the recipe)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.set_defaults(parser=parser)
     return parser
 
 
+class _HelpShown(Exception):
+    """--help was printed; the command ends here."""
+
+
 def _load(args: argparse.Namespace, overrides: list[str], default_recipe: str | None = "default"):
-    from lmkiln.config import load_config
+    """The command's config; with --help, print the command's help and its task's keys instead."""
+    from lmkiln.config import help_text, load_config, parse_overrides
 
     recipe = args.recipe or (None if args.config else default_recipe)
-    return load_config(recipe=recipe, config_file=args.config, overrides=overrides)
+    if (
+        recipe == "default"
+        and not args.recipe
+        and parse_overrides(overrides).get("task", "pretrain") != "pretrain"
+    ):
+        recipe = (
+            None  # the default recipe is the pretraining main job; another task starts from its own defaults
+        )
+    cfg = load_config(recipe=recipe, config_file=args.config, overrides=overrides)
+    if args.help:
+        sys.stdout.write(args.parser.format_help())
+        sys.stdout.write(
+            f"\nconfig keys of task '{cfg.task}' (override with --section.key VALUE or section.key=VALUE; "
+            f"another task's keys: add its --recipe):" + help_text(task=cfg.task) + "\n"
+        )
+        raise _HelpShown
+    return cfg
 
 
 def _print_config(cfg) -> None:
     from lmkiln.config import to_yaml
 
-    sys.stdout.write(to_yaml(cfg))
+    sys.stdout.write(to_yaml(cfg, derived=False))  # what the user can set; a run also saves what it derives
 
 
 def _quote(args: list[str]) -> str:
@@ -106,7 +130,7 @@ def cmd_tokenizer_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace, extra: list[str]) -> int:
-    from lmkiln.train.pretrain import prepare_data
+    from lmkiln.data.prepare import prepare_data
 
     cfg = _load(args, extra)
     if args.print_config:
@@ -120,7 +144,6 @@ def cmd_data_prepare(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_data_audit(args: argparse.Namespace, extra: list[str]) -> int:
     import json
-    from pathlib import Path
 
     overrides = [*extra, f"data.corpus={args.corpus}"] if args.corpus else extra
     cfg = _load(args, overrides)
@@ -144,9 +167,9 @@ def cmd_data_audit(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         print(format_audit(audit))
     if args.out:
-        Path(args.out).write_text(
-            json.dumps(audit.as_dict(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
+        from lmkiln.files import write_json_atomic
+
+        write_json_atomic(args.out, audit.as_dict())
     return 0
 
 
@@ -292,8 +315,9 @@ def _recipe_args(args) -> str:
 def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise LmkilnError(f"unexpected arguments: {_quote(extra)}")
-    from lmkiln.infer.generate import Sampling, generate_text
-    from lmkiln.infer.load import load_run
+    from lmkiln.infer.generate import generate_text
+    from lmkiln.model.generate import Sampling
+    from lmkiln.runs.load import load_run
 
     loaded = load_run(args.run_dir, device=args.device)
     sampling = Sampling(
@@ -395,7 +419,7 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
     )
     print(f"  {report.out_dir}/: {', '.join(report.files)}")
     if args.verify:
-        from lmkiln.infer.load import load_run
+        from lmkiln.runs.load import load_run
 
         loaded = load_run(args.run_dir)
         check = verify_export(loaded.model, loaded.tokenizer, report.out_dir, args.dtype)
@@ -417,7 +441,7 @@ def _read_texts(path: str, field: str, id_field: str | None) -> tuple[list[str],
     """Texts (and ids) from a .jsonl file (one object per line) or a .txt file (one text per line)."""
     from pathlib import Path
 
-    from lmkiln.interop.encoders import read_jsonl, require_text
+    from lmkiln.encoders.data import read_jsonl, require_text
 
     if Path(path).suffix.lower() == ".txt":
         from lmkiln.data.corpus import iter_documents
@@ -432,7 +456,8 @@ def _read_texts(path: str, field: str, id_field: str | None) -> tuple[list[str],
 def cmd_embed(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise LmkilnError(f"unexpected arguments: {_quote(extra)}")
-    from lmkiln.interop.encoders import embed_texts, load_encoder, write_embeddings
+    from lmkiln.encoders.model import load_encoder
+    from lmkiln.encoders.retrieval import embed_texts, write_embeddings
 
     texts, ids = _read_texts(args.data, args.field, args.id_field)
     loaded = load_encoder(args.model, pooling=args.pooling)
@@ -453,7 +478,9 @@ def cmd_eval_retrieval(args: argparse.Namespace, extra: list[str]) -> int:
         raise LmkilnError(f"unexpected arguments: {_quote(extra)}")
     import json
 
-    from lmkiln.interop.encoders import evaluate_pairs, load_encoder, read_jsonl, require_text
+    from lmkiln.encoders.data import read_jsonl, require_text
+    from lmkiln.encoders.model import load_encoder
+    from lmkiln.encoders.retrieval import evaluate_pairs
 
     rows = read_jsonl(args.pairs, (args.query_field, args.positive_field))
     queries = [require_text(r, args.query_field, args.pairs) for r in rows]
@@ -715,6 +742,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return func(args, extra)
+    except _HelpShown:
+        return 0
     except LmkilnError as err:
         if debug:
             raise

@@ -2,6 +2,7 @@
 
 schema.py   the sections, their fields with docstrings, model presets, cross-field rules
 layers.py   defaults → recipe → --config FILE → command line; coercion, errors, YAML, help
+resolve.py  what a run derives, once: the batch plan and a resolved copy of the config
 """
 
 from lmkiln.config.layers import (
@@ -23,8 +24,11 @@ from lmkiln.config.layers import (
     type_name,
     unknown_key_error,
 )
+from lmkiln.config.resolve import ResolvedConfig, resolve
 from lmkiln.config.schema import (
     MODEL_PRESETS,
+    TASK_SECTIONS,
+    BatchPlan,
     Config,
     DataConfig,
     DistConfig,
@@ -39,11 +43,17 @@ from lmkiln.config.schema import (
     TableConfig,
     TokenizerConfig,
     TrainConfig,
+    batch_plan,
     validate,
 )
 
 __all__ = [
     "MODEL_PRESETS",
+    "BatchPlan",
+    "ResolvedConfig",
+    "batch_plan",
+    "resolve",
+    "TASK_SECTIONS",
     "Config",
     "DataConfig",
     "DistConfig",

@@ -20,7 +20,15 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from lmkiln.config.schema import MODEL_PRESETS, Config, validate
+from lmkiln.config.schema import (
+    DERIVED_SECTIONS,
+    MODEL_PRESETS,
+    TASK_SECTIONS,
+    Config,
+    saved_sections,
+    section_owner,
+    validate,
+)
 from lmkiln.errors import LmkilnError
 
 # --------------------------------------------------------------------------------------------
@@ -196,14 +204,23 @@ def _set(cfg: Config, key: str, value: Any) -> None:
 Layer = tuple[str, dict[str, Any]]  # (where the values came from, dotted key -> raw value)
 
 
-def build_config(layers: list[Layer], config_cls: type = Config) -> Config:
+STRICT_SOURCES = ("command line",)
+"""Layers where any key of another task's section is an error; elsewhere (recipes, config files,
+a Config object given to the Trainer) such a key is ignored when it holds the default value, as
+the full configs lmkiln 0.1 saved do."""
+
+
+def build_config(layers: list[Layer], config_cls: type = Config, check_sections: bool = True) -> Config:
     """Apply layers of dotted values over the defaults.
 
     A model preset applies at the layer that names it: it replaces the model fields of earlier
     layers (a recipe's shape), and explicit model fields of its own and later layers override it.
+    With check_sections, a key of a section the config's task does not read is refused, naming
+    the task that owns it (`TASK_SECTIONS`).
     """
     keys = all_keys(config_cls)
     resolved: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for source, values in layers:
         checked = {}
         for key, raw in values.items():
@@ -217,12 +234,40 @@ def build_config(layers: list[Layer], config_cls: type = Config) -> Config:
                     f"unknown model preset {preset!r} ({source}); valid presets: {', '.join(MODEL_PRESETS)}"
                 )
             resolved.update({f"model.{k}": v for k, v in MODEL_PRESETS[preset].items()})
+            sources.update({f"model.{k}": source for k in MODEL_PRESETS[preset]})
         resolved.update(checked)
+        sources.update(dict.fromkeys(checked, source))
     cfg = config_cls()
+    if check_sections and config_cls is Config:
+        resolved = _task_keys(resolved, sources, resolved.get("task", cfg.task))
     for key, value in resolved.items():
         _set(cfg, key, value)
     validate(cfg)
     return cfg
+
+
+def _task_keys(resolved: dict[str, Any], sources: dict[str, str], task: str) -> dict[str, Any]:
+    """The keys the task reads; another task's key is an error (or, in a file, ignored if default)."""
+    defaults = flatten(to_dict(Config(), every_section=True))
+    kept = {}
+    for key, value in resolved.items():
+        section = key.split(".", 1)[0] if "." in key else None
+        if section is None or section in TASK_SECTIONS[task]:
+            kept[key] = value
+            continue
+        lenient = sources[key] not in STRICT_SOURCES
+        if lenient and (section in DERIVED_SECTIONS.get(task, ()) or value == defaults.get(key)):
+            continue
+        why = (
+            " (a fine-tuned model's shape comes from its base)"
+            if section in DERIVED_SECTIONS.get(task, ())
+            else ""
+        )
+        raise LmkilnError(
+            f"config key '{key}' ({sources[key]}) belongs to task '{section_owner(section)}', not "
+            f"'{task}'{why}"
+        )
+    return kept
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,9 +354,14 @@ def load_config(
     return build_config(layers, config_cls)
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    out = dataclasses.asdict(cfg)
-    return _tuples_to_lists(out)
+def to_dict(cfg: Any, every_section: bool = False, derived: bool = True) -> dict[str, Any]:
+    """A config as plain values; a whole `Config` keeps only the sections its task reads, plus
+    (with `derived`) those it fills in itself and saves (`saved_sections`), unless every_section."""
+    out = _tuples_to_lists(dataclasses.asdict(cfg))
+    if isinstance(cfg, Config) and not every_section:
+        keep = saved_sections(cfg.task) if derived else TASK_SECTIONS[cfg.task]
+        out = {k: v for k, v in out.items() if not isinstance(v, dict) or k in keep}
+    return out
 
 
 def _tuples_to_lists(tree: Any) -> Any:
@@ -322,21 +372,27 @@ def _tuples_to_lists(tree: Any) -> Any:
     return tree
 
 
-def to_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+def to_yaml(cfg: Any, derived: bool = True) -> str:
+    return yaml.safe_dump(to_dict(cfg, derived=derived), sort_keys=False, default_flow_style=None)
 
 
 def from_dict(tree: dict[str, Any], source: str, config_cls: type = Config) -> Config:
-    """Rebuild a saved, fully resolved config (every field is explicit, so the preset changes nothing)."""
-    return build_config([(source, flatten(tree))], config_cls)
+    """Rebuild a saved, fully resolved config (every field is explicit, so the preset changes nothing).
+
+    Sections its task does not save are dropped: lmkiln 0.1 saved every section with every run.
+    """
+    if config_cls is Config:
+        keep = saved_sections(tree.get("task", Config().task))
+        tree = {k: v for k, v in tree.items() if not isinstance(v, dict) or k in keep}
+    return build_config([(source, flatten(tree))], config_cls, check_sections=False)
 
 
-def help_text(config_cls: type = Config) -> str:
-    """Every key with its type, default and docstring, grouped by section."""
+def help_text(config_cls: type = Config, task: str | None = None) -> str:
+    """Every key with its type, default and docstring, grouped by section (only `task`'s sections)."""
     lines: list[str] = []
     defaults = config_cls()
     for name, hint in _hints(config_cls).items():
-        if not dataclasses.is_dataclass(hint):
+        if not dataclasses.is_dataclass(hint) or (task is not None and name not in TASK_SECTIONS[task]):
             continue
         lines.append(f"\n{name}:")
         docs = field_docs(hint)

@@ -69,7 +69,7 @@ class TokenizerConfig:
     path: str = ""
     """For kind=file: a tokenizer.json file or a directory that holds one."""
     fast: bool = True
-    """Encode with the verified fast path (lmkiln's native encoder, else tiktoken, for byte-level BPE; a lookup table for characters) when available."""
+    """Encode with the verified fast path (tiktoken for byte-level BPE, a lookup table for characters; ids checked against tokenizers) when available."""
 
 
 @dataclass
@@ -185,7 +185,7 @@ class TrainConfig:
     batch_size: int = 16
     """Sequences (or examples) per optimizer step, across all processes and micro-batches."""
     micro_batch_size: int = 0
-    """Sequences per forward/backward pass; 0 means batch_size (no gradient accumulation)."""
+    """Sequences per forward/backward pass on each process; 0 splits batch_size over the processes (no gradient accumulation)."""
     seq_len: int = 256
     """Tokens per training sequence (context length); at most model.block_size."""
     grad_clip: float = 1.0
@@ -410,6 +410,31 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------
+# Which sections each task reads: a command shows, accepts and saves only these.
+
+COMMON_SECTIONS = ("optim", "schedule", "train", "dist", "log")
+TASK_SECTIONS: dict[str, tuple[str, ...]] = {
+    "pretrain": ("data", "tokenizer", "model", *COMMON_SECTIONS),
+    "supervised": ("table", "mlp", "loss", *COMMON_SECTIONS),
+    "finetune": ("finetune", *COMMON_SECTIONS),
+    "encoder": ("encoder", "data", *COMMON_SECTIONS),
+}
+"""Sections a task reads from the user, by `task` (the registry is `lmkiln.tasks.TASK_RUNNERS`)."""
+DERIVED_SECTIONS: dict[str, tuple[str, ...]] = {"finetune": ("model",)}
+"""Sections a task fills in itself and saves with the run (a fine-tuned model's shape is its base's)."""
+
+
+def saved_sections(task: str) -> tuple[str, ...]:
+    """What a run of `task` records in config.yaml and its checkpoints."""
+    return (*TASK_SECTIONS[task], *DERIVED_SECTIONS.get(task, ()))
+
+
+def section_owner(section: str) -> str:
+    """The task a section belongs to (the first that reads it), for error messages."""
+    return next(task for task, sections in TASK_SECTIONS.items() if section in sections)
+
+
+# --------------------------------------------------------------------------------------------
 # Model size presets: explicit values in a recipe or on the command line override these.
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -468,11 +493,6 @@ def validate(cfg: Config) -> None:
             f"train.seq_len ({t.seq_len}) is longer than the model's maximum context "
             f"model.block_size ({m.block_size}); lower train.seq_len or raise model.block_size"
         )
-    micro = t.micro_batch_size or t.batch_size
-    if t.batch_size % micro:
-        raise LmkilnError(
-            f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size ({micro})"
-        )
     for key in (
         "train.max_steps",
         "train.batch_size",
@@ -488,6 +508,7 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.data.val_fraction < 1:
         raise LmkilnError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     _validate_data_quality(cfg.data)
+    batch_plan(t)  # one process: the batch must split into micro-batches
 
 
 def _validate_data_quality(data: DataConfig) -> None:
@@ -507,3 +528,38 @@ def _validate_data_quality(data: DataConfig) -> None:
         raise LmkilnError(
             "data.canaries needs data.split=document: with split=tail a canary could land in the held-out tail"
         )
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's `batch_size` sequences are cut: processes × accumulation × micro-batch."""
+
+    batch_size: int
+    """Sequences (or examples) per optimizer step, over every process and micro-batch."""
+    micro_batch_size: int
+    """Sequences per forward/backward pass on one process."""
+    world_size: int
+    accumulation: int
+    """Micro-batches per optimizer step on each process."""
+
+
+def batch_plan(train: TrainConfig, world_size: int = 1) -> BatchPlan:
+    """The step's cut at `world_size` processes.
+
+    An unset `train.micro_batch_size` (0) means the global batch split over the processes (no
+    accumulation); a set one must divide each process's share.
+    """
+    batch = train.batch_size
+    if batch % world_size:
+        raise LmkilnError(
+            f"train.batch_size ({batch}) must be a multiple of the number of processes ({world_size})"
+        )
+    per_process = batch // world_size
+    micro = train.micro_batch_size or per_process
+    if per_process % micro:
+        raise LmkilnError(
+            f"train.batch_size ({batch}) must be a multiple of train.micro_batch_size ({micro}) × "
+            f"processes ({world_size}); leave train.micro_batch_size unset (0) to split the batch "
+            f"over the processes"
+        )
+    return BatchPlan(batch, micro, world_size, per_process // micro)

@@ -1,0 +1,1 @@
+"""Data: corpora, text and table files, tokenizers, token shards, loaders, task formats and examples."""

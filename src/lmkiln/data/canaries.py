@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lmkiln.data.corpus import Document
 from lmkiln.errors import LmkilnError
+from lmkiln.files import write_json_atomic
 
 PREFIX = "the secret code is "
 CANARY_KEY = "canary:"
@@ -103,11 +104,7 @@ def write_record(run_dir: Path, manifest: dict, shard_directory: Path) -> Path |
         "shards": str(shard_directory),
         "canaries": manifest["canaries"],
     }
-    path = run_dir / RECORD
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_json_atomic(run_dir / RECORD, record)
 
 
 def read_record(run_dir: Path) -> dict:

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lmkiln.data.corpus import decoded_lines, iter_documents, jsonl_rows
+from lmkiln.data.corpus import iter_documents
+from lmkiln.data.textfile import decoded_lines, jsonl_rows
 from lmkiln.errors import LmkilnError
+from lmkiln.files import atomic_path
 
 NGRAM = 13
 MIN_WORDS = 3
@@ -227,34 +229,33 @@ def write_decontaminated(report: FileReport, out_dir: Path) -> Path:
         )
     dirty = {e.location for e in report.contaminated}
     keep = [e.location not in dirty for e in report.examples]
-    tmp = target.with_name(target.name + ".tmp")
-    suffix = report.path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        clean_lines = {int(e.location.rsplit(":", 1)[1]) for e, k in zip(report.examples, keep) if k}
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for number, line in decoded_lines(report.path):
-                if number in clean_lines:
-                    fh.write(line if line.endswith("\n") else line + "\n")
-    elif suffix == ".csv":
-        from lmkiln.data.tables import read_table
+    with atomic_path(target) as tmp:  # a failed write leaves no half file
+        suffix = report.path.suffix.lower()
+        if suffix in (".jsonl", ".json"):
+            clean_lines = {int(e.location.rsplit(":", 1)[1]) for e, k in zip(report.examples, keep) if k}
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for number, line in decoded_lines(report.path):
+                    if number in clean_lines:
+                        fh.write(line if line.endswith("\n") else line + "\n")
+        elif suffix == ".csv":
+            from lmkiln.data.tables import read_table
 
-        table = read_table(str(report.path))
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(list(table.columns))
-            for i in range(table.n_rows):
-                if keep[i]:
-                    writer.writerow([table.columns[name][i] for name in table.columns])
-    elif suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+            table = read_table(str(report.path))
+            with open(tmp, "w", encoding="utf-8", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(list(table.columns))
+                for i in range(table.n_rows):
+                    if keep[i]:
+                        writer.writerow([table.columns[name][i] for name in table.columns])
+        elif suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
 
-        pq.write_table(pq.read_table(report.path).filter(pa.array(keep)), tmp)
-    else:
-        tmp.write_text(
-            "\n\n".join(e.text for e, k in zip(report.examples, keep) if k) + "\n", encoding="utf-8"
-        )
-    tmp.replace(target)
+            pq.write_table(pq.read_table(report.path).filter(pa.array(keep)), tmp)
+        else:
+            tmp.write_text(
+                "\n\n".join(e.text for e, k in zip(report.examples, keep) if k) + "\n", encoding="utf-8"
+            )
     return target
 
 

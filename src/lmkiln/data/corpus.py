@@ -8,10 +8,8 @@ works (except `.txt` with text_unit=file, which holds one file at a time). Bad i
 
 from __future__ import annotations
 
-import csv
 import glob as globlib
 import hashlib
-import json
 import os
 import re
 import sys
@@ -19,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from lmkiln.data.rows import open_rows
+from lmkiln.data.textfile import decoded_blocks, decoded_lines, jsonl_rows
 from lmkiln.errors import LmkilnError
 
 BUILTIN_PYDOC = "builtin:pydoc"
@@ -86,10 +86,8 @@ def iter_documents(
         name = path.relative_to(base).as_posix() if path.is_relative_to(base) else path.name
         if suffix in (".jsonl", ".json"):
             reader = _read_jsonl(path, name, field)
-        elif suffix == ".csv":
-            reader = _read_csv(path, name, field)
-        elif suffix == ".parquet":
-            reader = _read_parquet(path, name, field)
+        elif suffix in (".csv", ".parquet"):
+            reader = _read_table(path, name, field)
         else:
             reader = _read_text(path, name, text_unit)
         for doc in reader:
@@ -111,43 +109,6 @@ def _key_base(spec: str) -> Path:
     return Path(*parts) if parts else Path(".")
 
 
-READ_BLOCK = 1 << 23  # bytes decoded at once: decoding line by line cost more than encoding the text
-
-
-def _decoded_blocks(path: Path) -> Iterator[tuple[int, str]]:
-    """(number of its first line, text) of consecutive blocks of whole lines, decoded strictly.
-
-    Lines end at "\n" only (as iterating a binary file does). Blocks of whole lines are decoded at
-    once; a block that fails is decoded again line by line to name the bad line.
-    """
-    number, offset, pending = 1, 0, b""
-    with open(path, "rb") as fh:
-        while True:
-            chunk = fh.read(READ_BLOCK)
-            data = pending + chunk
-            cut = len(data) if not chunk else data.rfind(b"\n") + 1
-            block, pending = data[:cut], data[cut:]
-            if block:
-                text = _decode_block(path, block, number - 1, offset)
-                if number == 1 and text.startswith("\ufeff"):
-                    text = text[1:]  # a byte-order mark is not text
-                yield number, text
-                number += text.count("\n")
-                offset += len(block)
-            if not chunk:
-                return
-
-
-def decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text) for each line, keeping its "\n"."""
-    for first, text in _decoded_blocks(path):
-        lines = text.split("\n")
-        tail = lines.pop()  # "" after a final newline, else the file's last line
-        yield from enumerate((line + "\n" for line in lines), start=first)
-        if tail:
-            yield first + len(lines), tail
-
-
 # A run of blank lines after a line's "\n" ([^\S\n] is what str.strip() removes, less "\n"). Anchoring
 # on the "\n" instead of `^` with re.MULTILINE makes the split 3x faster.
 _BLANK_RUN = re.compile(r"\n((?:[^\S\n]*\n)+)")
@@ -157,7 +118,7 @@ _LEADING_BLANK = re.compile(r"(?:[^\S\n]*\n)+")
 def _paragraphs(path: Path, name: str) -> Iterator[Document]:
     """Runs of non-blank lines: one regex split per block (a loop over lines is several times slower)."""
     pending, pending_line, where = "", 0, f"{name}:"
-    for first, text in _decoded_blocks(path):
+    for first, text in decoded_blocks(path):
         if not text.endswith("\n"):
             text += "\n"  # the file's last line: closing it changes no paragraph's text
         line = first  # the number of the line the current piece starts at
@@ -187,30 +148,12 @@ def _paragraphs(path: Path, name: str) -> Iterator[Document]:
         yield Document(where + str(pending_line), pending.rstrip("\r\n"))
 
 
-def _decode_block(path: Path, block: bytes, lines_before: int, offset: int) -> str:
-    try:
-        return block.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
-    raw_lines = [line + b"\n" for line in block.split(b"\n")]
-    for number, raw in enumerate(raw_lines, start=lines_before + 1):
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise LmkilnError(
-                f"{path}:{number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte offset "
-                f"{offset + err.start} of the file); convert the file to UTF-8"
-            ) from None
-        offset += len(raw)
-    raise AssertionError("a block that failed to decode has no bad line")
-
-
 # Each reader yields Documents keyed `name` + position; `path` is only read and named in errors.
 
 
 def _read_text(path: Path, name: str, text_unit: str) -> Iterator[Document]:
     if text_unit == "file":
-        yield Document(name, "".join(text for _, text in _decoded_blocks(path)))
+        yield Document(name, "".join(text for _, text in decoded_blocks(path)))
         return
     if text_unit == "line":
         for number, line in decoded_lines(path):
@@ -225,20 +168,6 @@ def _field_text(value: object, path: Path, where: str, field: str) -> str:
     raise LmkilnError(f"{path}:{where}: field {field!r} must be a string, got {type(value).__name__}")
 
 
-def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """(1-based line number, object) for every non-blank line; a bad line raises naming path:line."""
-    for number, line in decoded_lines(path):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise LmkilnError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(row, dict):
-            raise LmkilnError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        yield number, row
-
-
 def _read_jsonl(path: Path, name: str, field: str) -> Iterator[Document]:
     for number, row in jsonl_rows(path):
         if field not in row:
@@ -249,35 +178,20 @@ def _read_jsonl(path: Path, name: str, field: str) -> Iterator[Document]:
         yield Document(f"{name}:{number}", _field_text(row[field], path, str(number), field))
 
 
-def _read_csv(path: Path, name: str, field: str) -> Iterator[Document]:
-    csv.field_size_limit(2**31 - 1)
-    lines = (line for _, line in decoded_lines(path))
-    reader = csv.DictReader(lines)
-    if reader.fieldnames is None:
-        return
-    if field not in reader.fieldnames:
+def _read_table(path: Path, name: str, field: str) -> Iterator[Document]:
+    """The `field` column of a .csv or .parquet file, one document per row."""
+    table = open_rows(path, columns=[field])
+    if field not in table.columns:
+        where = f"{path}:1" if path.suffix.lower() == ".csv" else str(path)
         raise LmkilnError(
-            f"{path}:1: no column {field!r} (columns: {', '.join(reader.fieldnames)}); "
-            f"choose one with --data.field"
+            f"{where}: no column {field!r} (columns: {', '.join(table.columns)}); choose one with --data.field"
         )
-    for row in reader:
-        yield Document(f"{name}:{reader.line_num}", row[field] or "")
-
-
-def _read_parquet(path: Path, name: str, field: str) -> Iterator[Document]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise LmkilnError(f"reading {path} needs pyarrow: pip install 'lmkiln[data]'") from None
-    parquet = pq.ParquetFile(path)
-    columns = parquet.schema_arrow.names
-    if field not in columns:
-        raise LmkilnError(
-            f"{path}: no column {field!r} (columns: {', '.join(columns)}); choose one with --data.field"
+    parquet = path.suffix.lower() == ".parquet"
+    for number, row in table.rows:
+        value = row[field]
+        if parquet and value is None:
+            continue
+        key, where = (
+            (f"{name}:row{number}", f"row {number}") if parquet else (f"{name}:{number}", str(number))
         )
-    row = 0
-    for batch in parquet.iter_batches(columns=[field], batch_size=4096):
-        for value in batch.column(0).to_pylist():
-            row += 1
-            if value is not None:
-                yield Document(f"{name}:row{row}", _field_text(value, path, f"row {row}", field))
+        yield Document(key, _field_text(value or "", path, where, field))

@@ -1,12 +1,11 @@
-"""Fast bulk encoders that reproduce `tokenizers`' ids exactly, 5-50x faster.
+"""Fast bulk encoders that reproduce `tokenizers`' ids exactly, 3-5x faster on 2 cores.
 
-- Byte-level BPE with GPT-2 pre-tokenization → `NativeBPE`, lmkiln's C extension
-  (`lmkiln.data._bpe`, built at install when a C compiler is present): GPT-2's pattern as a
-  hand-written scanner and `tokenizers`' own merge order, on every core without the GIL. Without
-  the extension, a `tiktoken.Encoding` built from the same vocabulary (ranks = ids; the `fast`
-  extra). tiktoken merges by the rank of the merged token, `tokenizers` by the rank of the merge
-  rule; for vocabularies that BPE training produces these agree. Neither is trusted blindly: the
-  encoder is checked on a probe text when built and on a sample of every batch.
+- Byte-level BPE with GPT-2 pre-tokenization → a `tiktoken.Encoding` built from the same
+  vocabulary (ranks = ids), run on contiguous chunks of a batch on every core. tiktoken merges by
+  the rank of the merged token, `tokenizers` by the rank of the merge rule; for vocabularies that
+  BPE training produces these agree. It is not trusted blindly: the encoder is checked on a probe
+  text when built and on a sample of every batch (`Tokenizer.encode_flat_verified`), and any
+  difference sends the work back to `tokenizers`, the reference.
 - Character vocabularies with byte fallback → a numpy lookup table over code points; a text with
   a character outside the vocabulary goes through the reference encoder.
 
@@ -19,16 +18,11 @@ import itertools
 import json
 import logging
 import os
-import queue
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from lmkiln.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +41,8 @@ WHITE_SPACE = (
 _IS_SPACE = np.zeros(0x3002, dtype=bool)  # code point → White_Space; 0x3001 stands for everything above
 _IS_SPACE[[ord(c) for c in WHITE_SPACE]] = True
 VERIFY_CHARS = 4096  # characters of each batch re-encoded by the reference to check the fast path
+Reference = Callable[[list[str]], list[list[int]]]
+"""The reference encoder (`tokenizers`, ordinary encoding): texts → ids per text."""
 
 PROBE_TEXT = (
     "Hello, world! It's 2026; we'll test: naïve café, Straße, ÆØÅ — “quotes” and ‘more’.\n"
@@ -119,91 +115,6 @@ def lookahead_cuts(texts: list[str]) -> list[np.ndarray]:
     return [local[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-class NativeBPE(FastEncoder):
-    """Byte-level BPE through the C extension (`lmkiln.data._bpe`), on every core.
-
-    A batch is cut into contiguous runs of texts of about equal length, a few per thread; the
-    calling thread and `threads - 1` helpers each take an `Encoder` (its piece cache is not
-    thread-safe) and claim runs until none is left, so a thread that the OS deschedules holds up
-    only the run it is on. The extension releases the GIL while it encodes. Texts it cannot take
-    (a character of unknown Unicode class, a lone surrogate) come back as None and are encoded
-    by `tokenizers`.
-    """
-
-    name = "native"
-    CHUNK_CHARS = 1 << 15  # a batch below this is encoded on the calling thread alone
-    CHUNKS_PER_THREAD = 4
-
-    def __init__(self, spec: dict, byte_ids: list[int], reference: Tokenizer, threads: int) -> None:
-        from lmkiln.data import _bpe
-
-        model = spec["model"]
-        vocab = model["vocab"]
-        pairs: dict[tuple[int, int], tuple[int, int]] = {}
-        for rank, merge in enumerate(model.get("merges") or []):
-            left, right = merge.split(" ") if isinstance(merge, str) else merge
-            pairs[vocab[left], vocab[right]] = (rank, vocab[left + right])  # a later repeat wins
-        merges = [(a, b, rank, new) for (a, b), (rank, new) in pairs.items()]
-        whole = None
-        if model.get("ignore_merges"):  # a piece that is itself a token is emitted whole
-            byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
-            whole = [
-                (bytes(byte_of[c] for c in token), token_id)
-                for token, token_id in vocab.items()
-                if all(c in byte_of for c in token)
-            ]
-        self.threads = threads
-        self.free: queue.SimpleQueue = queue.SimpleQueue()  # an Encoder serves one thread at a time
-        for _ in range(threads):
-            self.free.put(_bpe.Encoder(byte_ids, merges, whole))
-        self.reference = reference
-        self.pool: ThreadPoolExecutor | None = None
-
-    def encode_chunks(self, method: str, chunks: list[list[str]], done: list, claim: Iterator[int]) -> None:
-        encoder = self.free.get()
-        try:
-            for index in claim:  # next() on an itertools.count is atomic under the GIL
-                if index >= len(chunks):
-                    return
-                done[index] = getattr(encoder, method)(chunks[index])
-        finally:
-            self.free.put(encoder)
-
-    def run(self, method: str, texts: list[str]) -> list:
-        """`Encoder.<method>` over contiguous runs of `texts` on every thread; one result per run."""
-        lengths = [len(t) for t in texts]
-        parts = min(self.threads * self.CHUNKS_PER_THREAD, sum(lengths) // self.CHUNK_CHARS)
-        bounds = _balanced_bounds(lengths, max(1, parts))
-        chunks = [texts[a:b] for a, b in zip(bounds, bounds[1:])]
-        done: list = [None] * len(chunks)
-        claim = itertools.count()
-        helpers = min(self.threads, len(chunks)) - 1
-        if helpers and self.pool is None:
-            self.pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="lmkiln-encode")
-        futures = [self.pool.submit(self.encode_chunks, method, chunks, done, claim) for _ in range(helpers)]
-        self.encode_chunks(method, chunks, done, claim)
-        for future in futures:
-            future.result()
-        return done
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        out = [ids for part in self.run("encode_batch", texts) for ids in part]
-        missing = [i for i, ids in enumerate(out) if ids is None]
-        if missing:
-            for i, ids in zip(missing, self.reference.encode_batch_reference([texts[i] for i in missing])):
-                out[i] = ids
-        return out
-
-    def encode_flat(self, texts: list[str]) -> FlatIds:
-        runs = self.run("encode_flat", texts)
-        ends = [np.frombuffer(offsets, dtype=np.intp) for _, offsets in runs]
-        if any((e < 0).any() for e in ends):  # rare: a text for tokenizers; the list path splices it in
-            return flatten(self.encode_batch(texts))
-        ids = np.concatenate([np.frombuffer(run_ids, dtype=np.uint32) for run_ids, _ in runs])
-        lengths = np.concatenate([np.diff(e, prepend=0) for e in ends]).astype(np.int64, copy=False)
-        return ids, lengths
-
-
 class TiktokenBPE(FastEncoder):
     name = "tiktoken"
 
@@ -262,7 +173,7 @@ def _balanced_bounds(lengths: list[int], parts: int) -> list[int]:
 class CharTable(FastEncoder):
     name = "char-table"
 
-    def __init__(self, spec: dict, reference: Tokenizer) -> None:
+    def __init__(self, spec: dict, reference: Reference) -> None:
         vocab = spec["model"]["vocab"]
         singles = {ord(tok): i for tok, i in vocab.items() if len(tok) == 1}
         self.table = np.full(max(singles) + 1, -1, dtype=np.int64)
@@ -276,7 +187,7 @@ class CharTable(FastEncoder):
             ids = self.table[points]
             if ids.min(initial=0) >= 0:
                 return ids.tolist()
-        return self.reference.encode_batch_reference([text])[0]
+        return self.reference([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode_one(t) for t in texts]
@@ -312,7 +223,7 @@ def _is_char_table(spec: dict) -> bool:
 def _byte_ids(spec: dict) -> list[int] | None:
     """The id of each byte's single-character token, or None if the alphabet lacks a byte.
 
-    `tokenizers` silently drops a byte without a token; neither fast encoder imitates that.
+    `tokenizers` silently drops a byte without a token; the fast encoder does not imitate that.
     """
     vocab = spec["model"]["vocab"]
     ids = [vocab.get(char) for _, char in sorted(bytes_to_unicode().items())]
@@ -327,62 +238,29 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _byte_level_encoder(spec: dict, tokenizer: Tokenizer) -> FastEncoder | None:
-    """The native encoder, else tiktoken (when the extension was not compiled), else None."""
-    byte_ids = _byte_ids(spec)
-    if byte_ids is None:
-        return None
-    threads = usable_cpus()
-    try:
-        return NativeBPE(spec, byte_ids, tokenizer, threads)
-    except ImportError:
-        log.debug("lmkiln.data._bpe is not compiled; trying tiktoken")
-    try:
-        return TiktokenBPE(spec, threads)
-    except ImportError:
-        return None
+def build_fast_encoder(tokenizer_json: str, reference: Reference) -> FastEncoder | None:
+    """A verified fast encoder for a tokenizer.json, or None when none applies or it disagrees.
 
-
-def build_fast_encoder(tokenizer: Tokenizer) -> FastEncoder | None:
-    """A verified fast encoder for this tokenizer, or None when none applies or it disagrees."""
-    spec = json.loads(tokenizer.json)
+    `reference` encodes the probe text the fast encoder must reproduce (and the rare texts the
+    character table cannot take).
+    """
+    spec = json.loads(tokenizer_json)
     if any(not t.get("special") for t in spec.get("added_tokens", [])):
         return None  # non-special added tokens are matched inside raw text; only the reference does that
     encoder: FastEncoder | None = None
-    if _is_gpt2_byte_level(spec):
-        encoder = _byte_level_encoder(spec, tokenizer)
+    if _is_gpt2_byte_level(spec) and _byte_ids(spec) is not None:
+        try:
+            encoder = TiktokenBPE(spec, usable_cpus())
+        except ImportError:  # a core dependency, but an environment may lack it: the reference still works
+            log.warning("tiktoken is not installed; byte-level BPE encodes with tokenizers (slower)")
     elif _is_char_table(spec):
-        encoder = CharTable(spec, tokenizer)
+        encoder = CharTable(spec, reference)
     if encoder is None:
         return None
     probe = [PROBE_TEXT, PROBE_TEXT[::-1], " " + PROBE_TEXT.upper()]
-    if encoder.encode_batch(probe) != tokenizer.encode_batch_reference(probe):
+    if encoder.encode_batch(probe) != reference(probe):
         log.warning(
             "fast %s encoder disagrees with tokenizers on the probe text; using tokenizers", encoder.name
         )
         return None
     return encoder
-
-
-def verified_encode_flat(tokenizer: Tokenizer, texts: list[str]) -> FlatIds:
-    """Fast-path ids for a batch, with a slice of the batch re-encoded by the reference and compared.
-
-    Raises FastPathMismatch (and turns the fast path off for this tokenizer) on any difference, so
-    the caller can redo its work with the reference encoder.
-    """
-    ids, lengths = tokenizer.encode_flat(texts)
-    if tokenizer.fast_path != "tokenizers" and texts:
-        starts = np.cumsum(lengths) - lengths
-        longest = max(range(len(texts)), key=lambda i: len(texts[i]))
-        for index in {0, longest}:
-            sample = texts[index][:VERIFY_CHARS]
-            if len(texts[index]) <= VERIFY_CHARS:
-                fast = ids[starts[index] : starts[index] + lengths[index]].tolist()
-            else:
-                fast = tokenizer.encode_batch([sample])[0]
-            if fast != tokenizer.encode_batch_reference([sample])[0]:
-                tokenizer.disable_fast_path()
-                raise FastPathMismatch(
-                    f"fast encoder disagreed with tokenizers on document {index} of a batch"
-                )
-    return ids, lengths

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from lmkiln.config import TrainConfig
+from lmkiln.config import BatchPlan
 from lmkiln.errors import LmkilnError
 
 IGNORE_INDEX = -100
@@ -214,11 +214,7 @@ class EpochBatches:
     ) -> None:
         if size <= 0:
             raise LmkilnError("the training set is empty")
-        if batch_size % (micro_batch_size * world_size):
-            raise LmkilnError(
-                f"batch size {batch_size} must be a multiple of micro-batch size "
-                f"{micro_batch_size} × {world_size} processes"
-            )
+        assert batch_size % (micro_batch_size * world_size) == 0, "checked by config.batch_plan"
         self.size, self.batch_size, self.micro = size, batch_size, micro_batch_size
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
         self.accumulation = batch_size // (micro_batch_size * world_size)
@@ -285,14 +281,7 @@ class CollatedBatches:
         self.indices.load_state_dict(state)
 
 
-def epoch_stream(
-    size: int, train: TrainConfig, rank: int, world_size: int, collate
-) -> tuple[CollatedBatches, int]:
-    """The resumable training stream over a map-style dataset, and the run's total optimizer steps.
-
-    With train.max_epochs set the run lasts that many epochs, else train.max_steps.
-    """
-    micro = train.micro_batch_size or train.batch_size
-    indices = EpochBatches(size, train.batch_size, micro, train.seed, True, rank, world_size)
-    total = train.max_epochs * indices.steps_per_epoch if train.max_epochs else train.max_steps
-    return CollatedBatches(indices, collate), total
+def epoch_stream(size: int, plan: BatchPlan, seed: int, rank: int, collate) -> CollatedBatches:
+    """The resumable training stream over a map-style dataset of `size` examples, cut by `plan`."""
+    indices = EpochBatches(size, plan.batch_size, plan.micro_batch_size, seed, True, rank, plan.world_size)
+    return CollatedBatches(indices, collate)

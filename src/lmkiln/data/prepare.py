@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -14,9 +13,17 @@ from pathlib import Path
 from lmkiln.config import Config, DataConfig, TokenizerConfig
 from lmkiln.data.cleaning import clean_documents, cleaning_active, cleaning_settings
 from lmkiln.data.corpus import source_fingerprints
-from lmkiln.data.shards import cache_root, is_shard_set, validation_split
+from lmkiln.data.shards import (
+    PrepareReport,
+    TokenShards,
+    cache_root,
+    is_shard_set,
+    prepare_shards,
+    validation_split,
+)
 from lmkiln.data.tokenizer import Tokenizer, bytes_per_token, train_bpe, train_char
 from lmkiln.errors import LmkilnError
+from lmkiln.files import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +126,20 @@ def _nonempty(texts):
 
 
 def _save_atomically(tokenizer: Tokenizer, directory: Path) -> None:
-    tmp = directory.with_name(directory.name + ".tmp")
-    tokenizer.save(tmp)
-    with contextlib.suppress(OSError):  # another process saved the same tokenizer first
-        tmp.replace(directory)
+    with atomic_directory(directory) as tmp:
+        tokenizer.save(tmp)
+
+
+def prepare_data(cfg: Config) -> tuple[TokenizerReport, PrepareReport]:
+    """The tokenizer and the shards of a config; a prepared shard set is used as it is."""
+    if is_shard_set(cfg.data.corpus):
+        shards = TokenShards(Path(cfg.data.corpus).expanduser())
+        if cfg.tokenizer.kind == "file":
+            report = build_tokenizer(cfg)
+        else:
+            tokenizer = Tokenizer.load(shards.directory / "tokenizer", fast=cfg.tokenizer.fast)
+            report = TokenizerReport(tokenizer, True, 0.0, float("nan"))
+        shards.check_tokenizer(report.tokenizer)
+        return report, PrepareReport(shards, cached=True, seconds=0.0, megabytes=0.0)
+    report = build_tokenizer(cfg)
+    return report, prepare_shards(cfg.data, report.tokenizer)

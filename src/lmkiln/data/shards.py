@@ -38,9 +38,10 @@ from lmkiln.data.cleaning import (
     shard_documents,
 )
 from lmkiln.data.corpus import Document, source_fingerprints
-from lmkiln.data.fast_encode import FastPathMismatch, FlatIds, verified_encode_flat
+from lmkiln.data.fast_encode import FastPathMismatch, FlatIds
 from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.errors import LmkilnError
+from lmkiln.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ def _write_documents(
         pending = None
         for batch in chain(_batches(documents), [None]):
             if batch is not None:
-                future = pool.submit(verified_encode_flat, tokenizer, [d.text for d in batch])
+                future = pool.submit(tokenizer.encode_flat_verified, [d.text for d in batch])
             if pending is not None:
                 done_batch, done_future = pending
                 done_bytes = _route(done_batch, done_future.result(), data, tokenizer.eos_id, limit, writers)
@@ -320,14 +321,6 @@ def _move_tail_to_validation(writers: dict[str, _SplitWriter], fraction: float, 
     train.bytes = total_bytes - val.bytes
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove_stale_tmp(final: Path) -> None:
     for tmp in final.parent.glob(final.name + ".tmp-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
@@ -385,7 +378,7 @@ def prepare_shards(
         os.rename(tmp, final)
     except OSError:  # another process finished the same set first; theirs is as good as ours
         shutil.rmtree(tmp, ignore_errors=True)
-    _fsync_dir(root)
+    fsync_dir(root)
     megabytes = (manifest["splits"]["train"]["bytes"] + manifest["splits"]["val"]["bytes"]) / 1e6
     return PrepareReport(TokenShards(final), cached=False, seconds=seconds, megabytes=megabytes)
 
@@ -442,5 +435,5 @@ def _build(
         json.dump(manifest, fh, indent=2)
         fh.flush()
         os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     return manifest

@@ -9,7 +9,6 @@ raises `LmkilnError` naming the file, the line (CSV) or row (Parquet) and the co
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from lmkiln.config import TableConfig
-from lmkiln.data.corpus import decoded_lines
+from lmkiln.data.rows import open_rows
 from lmkiln.errors import LmkilnError
 
 BUILTIN_DIGITS = "builtin:digits"
@@ -71,11 +70,9 @@ def read_table(path: str) -> RawTable:
     if not file.is_file():
         raise LmkilnError(f"table not found: {path} (give a .csv or .parquet file, or '{BUILTIN_DIGITS}')")
     suffix = file.suffix.lower()
-    if suffix == ".csv":
-        return _read_csv(file)
-    if suffix == ".parquet":
-        return _read_parquet(file)
-    raise LmkilnError(f"{file}: unsupported table format {suffix!r}; use .csv or .parquet")
+    if suffix not in (".csv", ".parquet"):
+        raise LmkilnError(f"{file}: unsupported table format {suffix!r}; use .csv or .parquet")
+    return _read_file(file)
 
 
 def _read_digits() -> RawTable:
@@ -91,39 +88,15 @@ def _read_digits() -> RawTable:
     return RawTable(columns, BUILTIN_DIGITS, lambda row: f"{BUILTIN_DIGITS} row {row}")
 
 
-def _read_csv(path: Path) -> RawTable:
-    csv.field_size_limit(2**31 - 1)
-    reader = csv.reader(line for _, line in decoded_lines(path))
-    header = next(reader, None)
-    if not header:
-        raise LmkilnError(f"{path}: empty file; expected a header line with column names")
-    header = [name.strip() for name in header]
-    duplicates = sorted({name for name in header if header.count(name) > 1})
-    if duplicates:
-        raise LmkilnError(f"{path}:1: duplicate column names {duplicates}")
-    rows: list[list[str]] = []
-    lines: list[int] = []
-    for row in reader:
-        if not row:
-            continue  # blank line
-        if len(row) != len(header):
-            raise LmkilnError(
-                f"{path}:{reader.line_num}: {len(row)} fields, but the header has {len(header)} columns"
-            )
-        rows.append(row)
-        lines.append(reader.line_num)
-    columns = {name: [row[i] for row in rows] for i, name in enumerate(header)}
-    return RawTable(columns, str(path), lambda row: f"{path}:{lines[row]}")
-
-
-def _read_parquet(path: Path) -> RawTable:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise LmkilnError(f"reading {path} needs pyarrow: pip install 'lmkiln[data]'") from None
-    table = pq.read_table(path)
-    columns = {name: table.column(name).to_pylist() for name in table.column_names}
-    return RawTable(columns, str(path), lambda row: f"{path}: row {row + 1}")
+def _read_file(path: Path) -> RawTable:
+    table = open_rows(path)
+    numbers: list[int] = []
+    columns: dict[str, list[Any]] = {name: [] for name in table.columns or []}
+    for number, row in table.rows:
+        numbers.append(number)
+        for name in columns:
+            columns[name].append(row[name])
+    return RawTable(columns, str(path), lambda row: table.where(numbers[row]))
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,10 +14,11 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from lmkiln.data.fast_encode import FlatIds, build_fast_encoder, flatten
+from lmkiln.data.fast_encode import VERIFY_CHARS, FastPathMismatch, FlatIds, build_fast_encoder, flatten
 from lmkiln.errors import LmkilnError
 
 EOS = "<|endoftext|>"
@@ -30,7 +31,7 @@ SPECIAL_TOKENS = [EOS, PAD, BOS, IM_START, IM_END, *RESERVED]
 """Special tokens of every tokenizer lmkiln trains; they get ids 0..8."""
 
 # ChatML, the template stored with every trained tokenizer; rendered by jinja2 in transformers
-# and by lmkiln.finetune.templates with the same result.
+# and by lmkiln.data.templates with the same result.
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
     " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
@@ -65,7 +66,7 @@ class Tokenizer:
         self.fingerprint = hashlib.sha256(self.json.encode()).hexdigest()
         self._fast = None
         if fast:
-            self._fast = build_fast_encoder(self)
+            self._fast = build_fast_encoder(self.json, self.encode_batch_reference)
 
     # -- ids -----------------------------------------------------------------------------------
     def token_id(self, token: str) -> int | None:
@@ -114,6 +115,30 @@ class Tokenizer:
 
     def encode_batch_reference(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._ordinary.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_flat_verified(self, texts: list[str]) -> FlatIds:
+        """`encode_flat`, with a slice of the batch re-encoded by the reference and compared.
+
+        Raises FastPathMismatch (and turns the fast path off for this tokenizer) on any
+        difference, so the caller can redo its work with the reference encoder.
+        """
+        ids, lengths = self.encode_flat(texts)
+        if self._fast is None or not texts:
+            return ids, lengths
+        starts = np.cumsum(lengths) - lengths
+        longest = max(range(len(texts)), key=lambda i: len(texts[i]))
+        for index in {0, longest}:
+            sample = texts[index][:VERIFY_CHARS]
+            if len(texts[index]) <= VERIFY_CHARS:
+                fast = ids[starts[index] : starts[index] + lengths[index]].tolist()
+            else:
+                fast = self.encode_batch([sample])[0]
+            if fast != self.encode_batch_reference([sample])[0]:
+                self.disable_fast_path()
+                raise FastPathMismatch(
+                    f"fast encoder disagreed with tokenizers on document {index} of a batch"
+                )
+        return ids, lengths
 
     def encode_template(self, text: str) -> list[int]:
         """Ids of template-rendered text, where special-token strings become control tokens."""

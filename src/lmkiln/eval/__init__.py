@@ -1,0 +1,1 @@
+"""Evaluation of a trained run on a task file (`lmkiln eval`): generation metrics, perplexity, classification."""

@@ -115,7 +115,7 @@ def exposures(
 
 @torch.no_grad()
 def _greedy_completions(model: nn.Module, tokenizer: Tokenizer, prompt: str, tokens: int) -> str:
-    from lmkiln.infer.generate import Sampling, generate_ids
+    from lmkiln.model.generate import Sampling, generate_ids
 
     ids = [tokenizer.eos_id, *tokenizer.encode(prompt)]
     new = generate_ids(model, [ids], Sampling(max_new_tokens=tokens, temperature=0.0), tokenizer.eos_id)[0]
@@ -176,7 +176,7 @@ def plot_exposure(results: list[CanaryExposure], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lmkiln.eval.plots import save_figure
+    from lmkiln.train.plots import save_figure
 
     fig, ax = plt.subplots(figsize=(6, 4))
     repeats = [r.canary.repeats for r in results]
@@ -197,7 +197,7 @@ def evaluate_memorization(
     """Exposure of every canary of a run, extraction rates on training and validation documents,
     and RUN_DIR/plots/exposure.png; returns an EvalResult."""
     from lmkiln.eval.runner import EvalResult
-    from lmkiln.infer.load import find_checkpoint, load_run
+    from lmkiln.runs.load import find_checkpoint, load_run
 
     if candidates < 10:
         raise LmkilnError(f"--candidates must be at least 10, got {candidates}")

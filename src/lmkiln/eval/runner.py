@@ -1,6 +1,6 @@
 """`lmkiln eval`: task metrics of a trained run on a task file, by batched greedy generation.
 
-Prompts are rendered and encoded exactly as in fine-tuning (lmkiln.finetune.examples), grouped
+Prompts are rendered and encoded exactly as in fine-tuning (lmkiln.data.task_examples), grouped
 by length, left-padded and generated together; each output ends at the run's EOS (for chat, the
 template's end-of-turn token) or at max_new_tokens. Metrics by task:
 
@@ -15,9 +15,7 @@ and for generation tasks `eos_rate`: the share of outputs that ended with EOS.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -26,11 +24,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmkiln.config import Config, FinetuneConfig
+from lmkiln.config import Config, FinetuneConfig, build_config, flatten, parse_overrides, to_dict
+from lmkiln.data import task_examples as ex
+from lmkiln.data.formats import iter_rows, read_records
+from lmkiln.data.task_examples import ExampleEncoder
+from lmkiln.data.templates import chat_template_of
 from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.errors import LmkilnError
-from lmkiln.eval.metrics import per_class_f1
 from lmkiln.eval.text_metrics import bleu_chrf, exact_match_f1, rouge
+from lmkiln.files import write_json_atomic
+from lmkiln.model.generate import Sampling, generate_ids
+from lmkiln.runs import checkpoint as ckpt
+from lmkiln.runs.load import find_checkpoint, load_classifier, load_run
+from lmkiln.runs.rundir import saved_config
+from lmkiln.train.evaluate import classification_scores, classify, lm_metrics, summed_lm_loss
+from lmkiln.train.metrics import per_class_f1
 
 log = logging.getLogger("lmkiln")
 
@@ -41,7 +49,7 @@ GENERATION_METRICS: dict[str, Callable[[Sequence[str], Sequence[Sequence[str]]],
     "translation": bleu_chrf,
     "summarization": rouge,
 }
-TASKS = (*GENERATION_METRICS, "classification", "perplexity", "memorization")
+EVAL_TASKS = (*GENERATION_METRICS, "classification", "perplexity", "memorization")
 
 
 @dataclass
@@ -78,8 +86,6 @@ def generate_batched(
     pad_id: int,
 ) -> tuple[list[list[int]], list[bool]]:
     """Greedy continuations of every prompt (similar lengths batched together) and whether each ended at stop_id."""
-    from lmkiln.infer.generate import Sampling, generate_ids
-
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[list[int]] = [[] for _ in prompts]
     stopped = [False] * len(prompts)
@@ -103,8 +109,6 @@ def stop_token(task: str, tokenizer: Tokenizer) -> int:
     """Where generation ends: EOS, or for chat the template's end-of-turn token."""
     if task != "chat":
         return tokenizer.eos_id
-    from lmkiln.finetune.templates import chat_template_of
-
     template = chat_template_of(tokenizer)
     token = template.end_of_turn({tokenizer.decode([i]) for i in tokenizer.special_ids})
     return tokenizer.token_id(token) if token else tokenizer.eos_id
@@ -121,9 +125,6 @@ def evaluate_generation(
     label_set: Sequence[str] = (),
 ) -> EvalResult:
     """Generate for each record's prompt and score against its references."""
-    from lmkiln.finetune.examples import ExampleEncoder
-    from lmkiln.finetune.templates import chat_template_of
-
     task = task or cfg.format
     started = time.perf_counter()
     block = model.cfg.block_size
@@ -182,11 +183,7 @@ def _label_metrics(
 def evaluate_classifier(
     path: str | Path, cfg: Config, data: str, batch_size: int, device: str = "cpu"
 ) -> EvalResult:
-    from lmkiln.eval.metrics import classification_metrics
-    from lmkiln.finetune.classify import load_classifier, predict
-    from lmkiln.finetune.examples import ExampleEncoder
-    from lmkiln.finetune.formats import read_records
-
+    """accuracy, f1_macro and loss of a classification run's head on a task file."""
     started = time.perf_counter()
     model, tokenizer, saved = load_classifier(path, device)
     labels = saved.finetune.labels
@@ -195,38 +192,29 @@ def evaluate_classifier(
     encoder = ExampleEncoder(tokenizer, ft, model.cfg.block_size, labels=labels)
     examples, report = encoder.encode_all(records, "evaluation")
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-    predicted, losses = predict(model, examples, batch_size, pad, torch.device(device))
-    target = torch.tensor([e.label for e in examples])
-    metrics = classification_metrics(predicted, target, len(labels))
-    metrics = {"accuracy": metrics["accuracy"], "f1_macro": metrics["f1_macro"], "loss": float(losses.mean())}
+    collate = ex.classification_collate(examples, pad)
+    batches = [
+        collate(list(range(i, min(i + batch_size, len(examples)))))
+        for i in range(0, len(examples), batch_size)
+    ]
+    scores = classification_scores(*classify(model, batches, torch.device(device)), len(labels), prefix="")
+    metrics = {"accuracy": scores["accuracy"], "f1_macro": scores["f1_macro"], "loss": scores["loss"]}
     return EvalResult("classification", len(examples), metrics, report.dropped, time.perf_counter() - started)
 
 
 @torch.no_grad()
 def perplexity(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str]) -> dict[str, float]:
     """Mean next-token loss over every text (each after an EOS, as documents follow one in pretraining)."""
-    from lmkiln.data.loader import IGNORE_INDEX
-    from lmkiln.train.objectives import LanguageModelLoss
-
     window = model.cfg.block_size
-    device = next(model.parameters()).device
-    loss_sum, count, n_bytes = 0.0, 0, 0
-    objective = LanguageModelLoss()
+    batches, n_bytes = [], 0
     for text in texts:
-        tokens = [tokenizer.eos_id, *tokenizer.encode(text)]
+        tokens = torch.tensor([tokenizer.eos_id, *tokenizer.encode(text)])
         n_bytes += len(text.encode("utf-8"))
         for start in range(0, len(tokens) - 1, window):
-            chunk = torch.tensor(tokens[start : start + window + 1], device=device)
-            batch = {"input_ids": chunk[None, :-1], "labels": chunk[None, 1:]}
-            loss_sum += float(objective(model, batch))
-            count += int((batch["labels"] != IGNORE_INDEX).sum())
-    loss = loss_sum / max(count, 1)
-    return {
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 50.0)),
-        "bits_per_byte": loss_sum / math.log(2) / max(n_bytes, 1),
-        "tokens": float(count),
-    }
+            chunk = tokens[start : start + window + 1]
+            batches.append({"input_ids": chunk[None, :-1], "labels": chunk[None, 1:]})
+    loss_sum, count = summed_lm_loss(model, batches) if batches else (0.0, 0.0)
+    return {**lm_metrics(loss_sum, count, n_bytes, prefix=""), "tokens": float(count)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,13 +234,8 @@ def evaluate_run(
 ) -> EvalResult:
     """Load a run (LoRA merged), read `data` as the task's format and compute the task's metrics.
     Memorization needs no data: it reads the run's canaries and shards (`limit` = documents)."""
-    from lmkiln.config import build_config, flatten, parse_overrides, to_dict
-    from lmkiln.finetune.formats import iter_rows, read_records
-    from lmkiln.infer.load import find_checkpoint, load_run
-    from lmkiln.train import checkpoint as ckpt
-
-    if task not in TASKS:
-        raise LmkilnError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
+    if task not in EVAL_TASKS:
+        raise LmkilnError(f"unknown task {task!r}; valid: {', '.join(EVAL_TASKS)}")
     if batch_size <= 0 or max_new_tokens <= 0:
         raise LmkilnError("--batch-size and --max-new-tokens must be positive")
     if task == "memorization":
@@ -263,10 +246,13 @@ def evaluate_run(
         raise LmkilnError(f"--task {task} needs --data FILE (the task file to evaluate on)")
     _, checkpoint = find_checkpoint(path)
     saved = ckpt.read_checkpoint(checkpoint).trainer["config"]
-    layers = [(f"{checkpoint}/trainer.json", flatten(saved))]
-    if overrides:
-        layers.append(("command line", parse_overrides(overrides)))
-    cfg = build_config(layers)
+    cfg = saved_config(saved, f"{checkpoint}/trainer.json")
+    if overrides:  # the finetune section says how to read the task file, whatever task trained the run
+        layers = [
+            ("run", flatten(to_dict(cfg, every_section=True))),
+            ("command line", parse_overrides(overrides)),
+        ]
+        cfg = build_config(layers, check_sections=False)
     is_classifier = (
         saved.get("task") == "finetune" and saved.get("finetune", {}).get("format") == "classification"
     )
@@ -303,8 +289,4 @@ def _row_text(row: dict, field_name: str, where: str) -> str:
 
 
 def write_result(result: EvalResult, out: Path, extra: dict) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({**extra, **asdict(result)}, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
-    return out
+    return write_json_atomic(out, {**extra, **asdict(result)})

@@ -6,7 +6,7 @@
   same tensor, so it stays fixed too.
 - lora: the base is frozen and peft injects rank-r adapters into the named Linear layers
   (module-name suffixes such as "wqkv", "w_down"). The model keeps its class and forward; the
-  checkpoints hold base + adapter tensors, so resume is exact. `merge_lora_tensors` folds the
+  checkpoints hold base + adapter tensors, so resume is exact. `lmkiln.model.lora` folds the
   adapters back into plain weights (W + B·A·alpha/r, peft's own formula) without needing peft.
 
 Tokens added for a template get new embedding rows (initialised to the mean of the old rows,
@@ -26,11 +26,10 @@ from torch import nn
 
 from lmkiln.config import FinetuneConfig
 from lmkiln.errors import LmkilnError
+from lmkiln.model.lora import ADAPTER
 from lmkiln.model.transformer import Transformer
 
 log = logging.getLogger("lmkiln")
-
-ADAPTER = "default"  # peft's adapter name; it appears in the checkpoint keys
 
 
 @dataclass
@@ -50,7 +49,10 @@ class MethodSetup:
 
 
 def resize_vocab(model: Transformer, vocab_size: int, new_rows: list[int]) -> None:
-    """Grow the embedding (and an untied lm_head) to vocab_size; the new rows start at the mean."""
+    """Grow the embedding (and an untied lm_head) to vocab_size; the new rows start at the mean.
+
+    The model's config is not touched: the caller gives the model its resolved config.
+    """
     cfg = model.cfg
     old = model.tok_embed.weight.detach()
     if vocab_size > old.shape[0]:
@@ -63,7 +65,6 @@ def resize_vocab(model: Transformer, vocab_size: int, new_rows: list[int]) -> No
             head = nn.Linear(cfg.d_model, vocab_size, bias=False).to(old.device, old.dtype)
             head.weight.data[: old.shape[0]] = model.lm_head.weight.detach()
             model.lm_head = head
-        cfg.vocab_size = vocab_size
     keep = [i for i in range(model.tok_embed.weight.shape[0]) if i not in set(new_rows)]
     with torch.no_grad():
         for weight in {id(w): w for w in (model.tok_embed.weight, model.lm_head.weight)}.values():
@@ -199,28 +200,7 @@ def _inject_lora(model: nn.Module, backbone: Transformer, cfg: FinetuneConfig):
 
 
 # --------------------------------------------------------------------------------------------
-# Merging and saving adapters
-
-
-def lora_scaling(cfg: FinetuneConfig) -> float:
-    return cfg.lora_alpha / cfg.lora_r
-
-
-def merge_lora_tensors(tensors: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """Checkpoint tensors of a LoRA model → the plain model's tensors with W' = W + scaling·B·A."""
-    lora_a = f".lora_A.{ADAPTER}.weight"
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in tensors.items():
-        if ".lora_A." in name or ".lora_B." in name:
-            continue
-        if name.endswith(".base_layer.weight"):
-            prefix = name[: -len(".base_layer.weight")]
-            a = tensors[prefix + lora_a].double()  # (r, in)
-            b = tensors[prefix + f".lora_B.{ADAPTER}.weight"].double()  # (out, r)
-            out[prefix + ".weight"] = (tensor.double() + scaling * (b @ a)).to(tensor.dtype)
-        else:
-            out[name.replace(".base_layer.", ".")] = tensor
-    return out
+# Saving adapters
 
 
 def save_adapter(method: MethodSetup, model: nn.Module, directory: Path, tokenizer_dir: Path | None) -> Path:

@@ -1,0 +1,1 @@
+"""Inference: text generation with streaming and stop strings on a loaded model."""

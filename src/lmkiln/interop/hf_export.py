@@ -25,10 +25,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from lmkiln.data.templates import render_chat
 from lmkiln.data.tokenizer import IM_END, Tokenizer
 from lmkiln.errors import LmkilnError
 from lmkiln.interop.hf_format import ARCHITECTURES, export_model_type, hf_config, to_hf_tensors
 from lmkiln.model.transformer import Transformer, count_parameters
+from lmkiln.runs.load import load_run
 
 log = logging.getLogger("lmkiln")
 
@@ -180,8 +182,6 @@ def export_run(
     overwrite: bool = False,
 ) -> ExportReport:
     """Export the newest checkpoint of a run (or the given checkpoint directory)."""
-    from lmkiln.infer.load import load_run
-
     start = time.perf_counter()
     loaded = load_run(run_dir)
     report = export_model(
@@ -250,8 +250,6 @@ def verify_export(
         worst = max(worst, diff)
     template_equal = True
     if tokenizer.chat_template:
-        from lmkiln.interop.hf_import import render_chat
-
         rendered = hf_tok.apply_chat_template(PROBE_CHAT, tokenize=False, add_generation_prompt=True)
         template_equal = rendered == render_chat(tokenizer.chat_template, PROBE_CHAT, True)
         ids = hf_tok.apply_chat_template(PROBE_CHAT, tokenize=True, add_generation_prompt=True)

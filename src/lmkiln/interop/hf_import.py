@@ -22,7 +22,8 @@ from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.errors import LmkilnError
 from lmkiln.interop.hf_format import ARCHITECTURES, from_hf_tensors, model_config_from_hf
 from lmkiln.model.transformer import Transformer
-from lmkiln.train.loop import load_model_tensors
+from lmkiln.runs.load import find_checkpoint, load_run, local_directory
+from lmkiln.runs.tensors import load_model_tensors
 
 log = logging.getLogger("lmkiln")
 
@@ -37,17 +38,6 @@ class ImportedModel(NamedTuple):
     config: ModelConfig
     architecture: str
     """Where it came from: a transformers class name, or 'lmkiln' for an lmkiln run."""
-
-
-def local_directory(path: str | Path, what: str = "model") -> Path:
-    """`path` as a directory, or the error every model-loading command gives for hub ids."""
-    directory = Path(path).expanduser()
-    if not directory.is_dir():
-        raise LmkilnError(
-            f"{what} {str(path)!r} is not a local directory; lmkiln never downloads models: download "
-            f"it first (e.g. huggingface-cli download NAME --local-dir DIR) and pass the path"
-        )
-    return directory
 
 
 def read_json(file: Path) -> dict:
@@ -137,8 +127,6 @@ def load_pretrained(path: str | Path, device: str = "cpu") -> ImportedModel:
     """An lmkiln run (or checkpoint) directory, or a local Hugging Face model directory."""
     directory = local_directory(path)
     if is_lmkiln_run(directory):
-        from lmkiln.infer.load import load_run
-
         loaded = load_run(directory, device=device)
         return ImportedModel(loaded.model, loaded.tokenizer, loaded.cfg.model, "lmkiln")
     if (directory / "config.json").is_file():
@@ -153,24 +141,5 @@ def tokenizer_directory(path: str | Path) -> Path:
     """Where the tokenizer of `load_pretrained(path)` lives: run/tokenizer, or the directory itself."""
     directory = local_directory(path)
     if is_lmkiln_run(directory):
-        from lmkiln.infer.load import find_checkpoint
-
         return find_checkpoint(directory)[0] / "tokenizer"
     return directory
-
-
-def render_chat(
-    template: str, messages: list[dict], add_generation_prompt: bool = False, **tokens: str
-) -> str:
-    """Render a chat template the way transformers does (sandboxed jinja2, same whitespace rules)."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, **tokens
-    )

@@ -1,20 +1,20 @@
-"""CPU matrix multiplies for Linear layers: oneDNN's fp32 GEMM where it beats the BLAS default.
+"""CPU matrix multiplies for Linear layers: oneDNN's fp32 GEMM where it beats the BLAS default,
+applied to a model from outside by swapping its `nn.Linear` modules.
 
 PyTorch sends fp32 `nn.Linear` on CPU to MKL's sgemm, which runs its AVX2 kernels on AMD CPUs.
 oneDNN, shipped inside every PyTorch CPU build, runs AVX-512 kernels there: on the 2-core AMD
-EPYC (Zen 5) development machine one training GEMM took 5.5 ms instead of 11.9 ms (README,
-"Performance"). `Linear` is an `nn.Linear` whose forward and backward GEMMs go through
-`torch.ops.mkldnn._linear_pointwise` instead: the same fp32 arithmetic in another summation order
-(relative differences ~1e-6). Small GEMMs (fewer than `MIN_ROWS` rows, e.g. generating one token)
-stay on the default path, where oneDNN's ~15 µs call overhead would cost more than it saves.
+EPYC (Zen 5) development machine one training GEMM took 5.5 ms instead of 11.9 ms, and a
+generation step's matrix-vector products stream the weights at 24 GB/s instead of 15 (README,
+"Performance"). `OneDNNLinear` is an `nn.Linear` (same parameters, state dict and init) whose
+forward and backward GEMMs go through `torch.ops.mkldnn._linear_pointwise`: the same fp32
+arithmetic in another summation order (relative differences ~1e-6).
 
-The choice is process-wide, like torch's own backend flags: `set_cpu_matmul("auto" | "onednn" |
-"default")`, called by `Runtime.start` with `train.cpu_matmul`. "auto" takes oneDNN on CPUs with
-AVX-512 — a fixed rule rather than a timing, so that a resumed run computes exactly what the
-uninterrupted run computed.
-
-Generating a token per row is another regime: inside `decode.decoding()` GEMMs of a few rows go
-to `decode.gemm` instead (lmkiln's matrix-vector kernel).
+The model files build plain `nn.Linear`; `swap_linears(model, "auto" | "onednn" | "default")`
+replaces them in place, sharing the very same Parameter objects (tied weights stay tied,
+optimizers built before keep working). Training setup calls it with `train.cpu_matmul`, loading a
+run for inference with "auto". Nothing here changes a process-wide setting: two models in one
+process may use different GEMMs. "auto" takes oneDNN on CPUs with AVX-512 — a fixed rule rather
+than a timing, so that a resumed run computes exactly what the uninterrupted run computed.
 """
 
 from __future__ import annotations
@@ -23,39 +23,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmkiln.model import decode
-
 CPU_MATMUL_CHOICES = ("auto", "onednn", "default")
-MIN_ROWS = 1
-"""Input rows (tokens) below which a GEMM stays on the default path."""
-
-_choice = "auto"
-_resolved: bool | None = None
-
-
-def set_cpu_matmul(choice: str) -> None:
-    """Pick the CPU fp32 GEMM of lmkiln's Linear layers: auto, onednn or default (MKL/BLAS)."""
-    global _choice, _resolved
-    if choice not in CPU_MATMUL_CHOICES:
-        raise ValueError(f"cpu matmul must be one of {', '.join(CPU_MATMUL_CHOICES)}, got {choice!r}")
-    _choice, _resolved = choice, None
 
 
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def use_onednn() -> bool:
-    """Whether CPU fp32 Linear layers go through oneDNN in this process."""
-    global _resolved
-    if _resolved is None:
-        if _choice == "default" or not onednn_available():
-            _resolved = False
-        elif _choice == "onednn":
-            _resolved = True
-        else:
-            _resolved = torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
-    return _resolved
+def resolve_cpu_matmul(choice: str) -> bool:
+    """Whether `choice` ("auto", "onednn" or "default") means oneDNN GEMMs on this machine."""
+    if choice not in CPU_MATMUL_CHOICES:
+        raise ValueError(f"cpu matmul must be one of {', '.join(CPU_MATMUL_CHOICES)}, got {choice!r}")
+    if choice == "default" or not onednn_available():
+        return False
+    if choice == "onednn":
+        return True
+    return torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
 
 
 @torch.library.custom_op("lmkiln::onednn_gemm", mutates_args=())
@@ -90,7 +73,7 @@ def _weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return _gemm(grad.t(), x.t(), None)
 
 
-class _OneDNNLinear(torch.autograd.Function):
+class _OneDNNLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
@@ -117,26 +100,49 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and type(weight) in (torch.Tensor, nn.Parameter)  # not a DTensor (FSDP) or another subclass
-        and x.numel() >= MIN_ROWS * x.shape[-1]
+        and x.numel() > 0
         and not torch.is_autocast_enabled("cpu")
-        and use_onednn()
     )
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, through oneDNN for CPU fp32 when `use_onednn()` and the GEMM is large enough,
-    or through `decode.gemm` for the few rows of a generation step inside `decode.decoding()`."""
-    if decode.threads and decode.gemm_eligible(x, weight, bias):
-        return decode.gemm(x, weight, bias)
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` through oneDNN for CPU fp32 tensors (with gradients), else `F.linear` itself."""
     if not _eligible(x, weight):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _OneDNNLinear.apply(x, weight, bias)
+        return _OneDNNLinearFunction.apply(x, weight, bias)
     return _gemm(x, weight, bias)  # inference: no graph to record
 
 
-class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, state dict and init) whose CPU fp32 GEMMs may use oneDNN."""
+class OneDNNLinear(nn.Linear):
+    """`nn.Linear` (same parameters, state dict and init) whose CPU fp32 GEMMs use oneDNN."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return onednn_linear(x, self.weight, self.bias)
+
+
+def swap_linears(model: nn.Module, choice: str = "auto") -> nn.Module:
+    """Route the CPU fp32 GEMMs of `model`'s Linear layers through oneDNN or torch's default.
+
+    Every child whose class is exactly `nn.Linear` or `OneDNNLinear` becomes the one the choice
+    names; other subclasses are left alone. Call it before wrapping the model (LoRA, DDP, FSDP,
+    torch.compile). Returns the model (changed in place).
+    """
+    target = OneDNNLinear if resolve_cpu_matmul(choice) else nn.Linear
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in (nn.Linear, OneDNNLinear) and type(child) is not target:
+                setattr(parent, name, _as(target, child))
+    return model
+
+
+def _as(target: type[nn.Linear], layer: nn.Linear) -> nn.Linear:
+    """`layer` as a `target` module holding the same Parameter objects (no copy: ties and
+    optimizers built on them survive)."""
+    swapped = target.__new__(target)
+    nn.Module.__init__(swapped)
+    swapped.in_features, swapped.out_features = layer.in_features, layer.out_features
+    swapped.register_parameter("weight", layer.weight)
+    swapped.register_parameter("bias", layer.bias)
+    swapped.train(layer.training)
+    return swapped

@@ -4,8 +4,8 @@
 
 - Llama: RMSNorm, rotary positions, SwiGLU, grouped-query attention, no biases.
 - GPT-2: LayerNorm, learned positions, GELU, biases.
-Attention goes through `F.scaled_dot_product_attention`; Linear layers are `kernels.Linear` (oneDNN
-GEMMs on CPUs where they are faster). Four things can restrict attention beyond
+Attention goes through `F.scaled_dot_product_attention`; Linear layers are plain `nn.Linear` (training
+and loading swap them for oneDNN GEMMs on CPUs where those are faster: `kernels.swap_linears`). Four things can restrict attention beyond
 causality: `doc_ids` (packed documents never see each other), `attention_mask` (padding), a
 `KVCache` (generation: new queries attend to cached keys) and `cfg.sliding_window` (Mistral). Shapes are noted as (B, T, ...) with
 B batch, T tokens, H heads, K key/value heads, D head size, C model width, V vocabulary.
@@ -22,8 +22,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmkiln.config import ModelConfig
-from lmkiln.model import decode
-from lmkiln.model.kernels import Linear
 from lmkiln.model.loss import lm_cross_entropy
 
 
@@ -117,10 +115,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.wqkv = Linear(
+        self.wqkv = nn.Linear(
             cfg.d_model, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias or cfg.qkv_bias
         )
-        self.wo = Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
 
     def forward(
@@ -134,13 +132,6 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         qkv = self.wqkv(x)
         dropout = self.dropout if self.training else 0.0
-        if cache is not None and decode.attention_eligible(
-            qkv, cache.keys[layer], cache.values[layer], cache.length, mask, dropout
-        ):  # one token per row, inside decode.decoding(): one fused C call instead of ~25 torch ops
-            y = decode.attention(
-                qkv, cache.keys[layer], cache.values[layer], cache.length, self.n_head, rope, mask
-            )
-            return self.wo(y)
         q, k, v = qkv.split(
             [self.n_head * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1
         )
@@ -164,16 +155,18 @@ class Attention(nn.Module):
         return self.wo(y)
 
 
-class MLP(nn.Module):
+class FeedForward(nn.Module):
+    """The feed-forward block of a transformer layer: SwiGLU (Llama) or GELU (GPT-2)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
         hidden = cfg.ffn_dim
         if self.swiglu:
-            self.w_gate_up = Linear(cfg.d_model, 2 * hidden, bias=cfg.bias)  # gate and up, fused
+            self.w_gate_up = nn.Linear(cfg.d_model, 2 * hidden, bias=cfg.bias)  # gate and up, fused
         else:
-            self.w_up = Linear(cfg.d_model, hidden, bias=cfg.bias)
-        self.w_down = Linear(hidden, cfg.d_model, bias=cfg.bias)
+            self.w_up = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.w_down = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
@@ -191,7 +184,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.norm1, self.attn = make_norm(cfg), Attention(cfg)
-        self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+        self.norm2, self.mlp = make_norm(cfg), FeedForward(cfg)
         self.drop = make_dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
@@ -212,7 +205,7 @@ class Transformer(nn.Module):
         self.drop = make_dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
-        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_embed.weight
         if cfg.position == "rope":

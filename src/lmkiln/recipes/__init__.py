@@ -1,0 +1,1 @@
+"""Built-in recipes: short YAML deltas over the config defaults (`lmkiln recipes`)."""

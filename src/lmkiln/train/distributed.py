@@ -4,15 +4,12 @@ Launch with `torchrun --nproc-per-node N -m lmkiln train ...` (or `lmkiln train 
 FSDP2 shards every transformer block (`fully_shard`) and then the root; its checkpoints are
 written by DCP, one shard per rank, and read back at any world size (DCP reshards).
 
-DCP stores its index as a pickle (`.metadata`) and would unpickle non-tensor values with
-`weights_only=False`. lmkiln writes only tensors through DCP (everything else goes to JSON) and
-reads the index with an unpickler that admits nothing but DCP's own metadata classes.
+lmkiln writes only tensors through DCP (everything else goes to JSON); reading them back goes
+through `lmkiln.runs.dcp`, whose unpickler admits nothing but DCP's own metadata classes.
 """
 
 from __future__ import annotations
 
-import io
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +17,7 @@ import torch
 from torch import nn
 
 from lmkiln.config import Config
-from lmkiln.errors import LmkilnError
+from lmkiln.runs.dcp import load_sharded_model, safe_reader, tensors_only_planner
 from lmkiln.train.runtime import Runtime
 
 
@@ -76,58 +73,6 @@ def is_sharded(model: nn.Module) -> bool:
 # Sharded checkpoints
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits only the classes DCP's `.metadata` index is made of (no callables, no builtins)."""
-
-    ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-    ALLOWED = {
-        ("pathlib", "PosixPath"),
-        ("pathlib", "PurePosixPath"),
-        ("pathlib", "WindowsPath"),
-        ("torch", "Size"),
-        ("torch.serialization", "_get_layout"),
-        ("collections", "OrderedDict"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self.ALLOWED or (module in self.ALLOWED_MODULES and not name.startswith("__")):
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint index")
-
-
-def _safe_reader(directory: Path):
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class SafeReader(FileSystemReader):
-        def read_metadata(self, *args: Any, **kwargs: Any):
-            data = (Path(self.path) / ".metadata").read_bytes()
-            try:
-                metadata = _MetadataUnpickler(io.BytesIO(data)).load()
-            except Exception as err:  # noqa: BLE001 - any failure means a file we must not trust
-                raise LmkilnError(f"{directory}/.metadata: refused ({err})") from None
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    return SafeReader(str(directory))
-
-
-def _tensor_planner():
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-
-    class TensorsOnly(DefaultLoadPlanner):
-        def load_bytes(self, read_item, value):  # lmkiln never writes non-tensor items
-            raise LmkilnError(
-                f"unexpected non-tensor item {read_item.dest_index.fqn} in a sharded checkpoint"
-            )
-
-    return TensorsOnly()
-
-
 def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, list]:
     """(model tensors, optimizer state tensors, optimizer param_groups) in DCP's sharded form."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -153,17 +98,13 @@ def load_sharded(
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     if optimizer is None:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-        model_state = get_model_state_dict(model)
-        dcp.load({"model": model_state}, storage_reader=_safe_reader(directory), planner=_tensor_planner())
-        set_model_state_dict(model, model_state)
+        load_sharded_model(directory, model)
         return
     model_state, optim_tensors, groups = sharded_state(model, optimizer)
     dcp.load(
         {"model": model_state, "optim": optim_tensors},
-        storage_reader=_safe_reader(directory),
-        planner=_tensor_planner(),
+        storage_reader=safe_reader(directory),
+        planner=tensors_only_planner(),
     )
     set_state_dict(
         model,
@@ -178,9 +119,3 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def consolidate(directory: Path, model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full weights of a sharded checkpoint, read in one process (for export and inference)."""
-    load_sharded(directory, model, None, None)
-    return dict(model.state_dict())

@@ -1,13 +1,14 @@
-"""The training loop: one loop for pretraining, fine-tuning, LoRA and classifiers.
+"""The training loop: one loop for pretraining, fine-tuning, LoRA, classifiers and any nn.Module.
 
 Methods differ only in the `TrainSetup` they build (model, objective, batches, optimizer,
-evaluation). The loop body reads top to bottom:
+evaluation). The loop body reads top to bottom (`TrainLoop._step`):
 
     set lr → next micro-batches → train_step → guard non-finite → optimizer step
            → maybe log → maybe evaluate (early stopping, best) → maybe checkpoint
 
 A run killed at any point resumes from its newest complete checkpoint with identical results:
-the checkpoint holds weights, optimizer, counters, the data position and every RNG state.
+the checkpoint holds weights, optimizer, counters, the data position and every RNG state
+(`TrainState.save` / `TrainState.load`).
 """
 
 from __future__ import annotations
@@ -22,32 +23,25 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
-from lmkiln.config import Config, to_dict
+from lmkiln.config import Config, ResolvedConfig, resolve, to_dict
 from lmkiln.errors import Interrupted, LmkilnError
-from lmkiln.train import checkpoint as ckpt
-from lmkiln.train import distributed
+from lmkiln.runs import checkpoint as ckpt
+from lmkiln.runs.tensors import load_model_tensors
+from lmkiln.train import distributed, nonfinite
+from lmkiln.train.evaluate import Evaluator
 from lmkiln.train.objectives import Batch, Objective
 from lmkiln.train.observe import RunLog, Throughput
 from lmkiln.train.optim import set_learning_rate
 from lmkiln.train.runtime import Runtime, measure_matmul_peak
-from lmkiln.train.state import TrainState, capture_rng, load_optimizer_state, optimizer_state, restore_rng
+from lmkiln.train.state import BatchStream, Checkpointed, TrainState
+from lmkiln.train.step import StepResult, to_device, train_step
 
 log = logging.getLogger("lmkiln")
-
-
-class BatchStream(Protocol):
-    """Endless micro-batches whose position can be saved and restored."""
-
-    def __next__(self) -> Batch: ...
-
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass
@@ -61,8 +55,8 @@ class TrainSetup:
     optimizer: torch.optim.Optimizer
     total_steps: int
     """Optimizer steps of the whole run (the schedule's length)."""
-    evaluate: Callable[[nn.Module, Runtime], dict[str, float]] | None = None
-    """Validation metrics of the model (called in eval mode, without grad)."""
+    evaluate: Evaluator | None = None
+    """Validation metrics of the model, keys `val_<metric>` (see `lmkiln.train.evaluate`)."""
     train_model: nn.Module | None = None
     """What forward/backward go through (a DDP wrapper or compiled module); defaults to model."""
     flops_per_token: float = 0.0
@@ -86,235 +80,83 @@ class FitResult:
     first_eval: dict[str, float] = field(default_factory=dict)
     """Validation metrics of the untrained model (empty when resumed)."""
 
+    def best_checkpoint(self) -> Path | None:
+        """The checkpoint of the best evaluation, when it is not the last step's."""
+        best = self.state.best_step
+        if self.checkpoint is None or best < 0 or best == self.state.step:
+            return None
+        path = self.checkpoint.parent / ckpt.checkpoint_name(best)
+        return path if path.is_dir() else None
 
-class NonFiniteError(LmkilnError):
-    """A step produced a non-finite loss or gradient norm and the policy says stop."""
-
-
-# --------------------------------------------------------------------------------------------
-# The step
-
-
-@dataclass
-class StepResult:
-    loss: torch.Tensor
-    """Mean loss over every target of the step (on the device; no host sync)."""
-    grad_norm: torch.Tensor
-    """Global gradient norm before clipping."""
-    targets: torch.Tensor
-
-
-def _sync_gradients(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-    """DDP: skip the all-reduce on all but the last micro-batch; FSDP2: the same via its flag."""
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(sync)
-        return contextlib.nullcontext()
-    if not sync and hasattr(model, "no_sync"):
-        return model.no_sync()
-    return contextlib.nullcontext()
-
-
-def train_step(
-    model: nn.Module, objective: Objective, micro_batches: list[Batch], runtime: Runtime, grad_clip: float
-) -> StepResult:
-    """Forward/backward over the micro-batches, normalised by the targets of the whole step.
-
-    Gradients are left in `.grad` (clipped); the caller decides whether to apply them.
-    """
-    targets = torch.stack([objective.count(b) for b in micro_batches]).sum().to(runtime.device, torch.float32)
-    targets = runtime.all_reduce_sum(targets, "step target count")
-    # DDP averages gradients over ranks, so each rank's share is scaled up by world_size.
-    scale = runtime.world_size / targets.clamp(min=1)
-    loss_sum = torch.zeros((), device=runtime.device)
-    for index, batch in enumerate(micro_batches):
-        last = index == len(micro_batches) - 1
-        with _sync_gradients(model, last), runtime.autocast():
-            micro_loss = objective(model, batch)
-        (micro_loss * scale).backward()
-        loss_sum += micro_loss.detach().float()
-    params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-        grad_norm = grad_norm.full_tensor()
-    return StepResult(loss=loss_sum * scale / runtime.world_size, grad_norm=grad_norm, targets=targets)
-
-
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoint state
-
-
-def tied_aliases(model: nn.Module) -> set[str]:
-    """Parameter names that are a second name of an earlier parameter (tied weights)."""
-    seen: set[int] = set()
-    aliases = set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            aliases.add(name)
-        seen.add(id(param))
-    return aliases
-
-
-def model_tensors(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The state dict (or a gathered one) with tied weights stored once (safetensors refuses shared storage)."""
-    aliases = tied_aliases(model)
-    state = model.state_dict() if state is None else state
-    return {name: tensor for name, tensor in state.items() if name not in aliases}
-
-
-def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    expected = set(model_tensors(model))
-    missing, unexpected = expected - set(tensors), set(tensors) - set(model.state_dict())
-    if missing or unexpected:
-        raise LmkilnError(
-            f"{source}: weights do not fit this model (missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}); was it saved from a different model shape?"
-        )
-    for name, tensor in tensors.items():
-        if model.state_dict()[name].shape != tensor.shape:
-            raise LmkilnError(
-                f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects "
-                f"{tuple(model.state_dict()[name].shape)}"
-            )
-    model.load_state_dict(tensors, strict=False)
+    def restore_best(self, model: nn.Module) -> int:
+        """Load the best checkpoint's weights into `model`; returns the step the weights are from."""
+        path = self.best_checkpoint()
+        if path is None:
+            return self.state.step
+        load_model_tensors(model, ckpt.read_checkpoint(path).model, str(path / "model.safetensors"))
+        return self.state.best_step
 
 
 class TrainLoop:
-    """Runs the loop for one `TrainSetup`; use `fit()`."""
+    """Runs the loop for one `TrainSetup`; use `fit()`.
 
-    def __init__(self, setup: TrainSetup, cfg: Config, runtime: Runtime, run_dir: Path | None) -> None:
-        self.setup, self.cfg, self.runtime = setup, cfg, runtime
-        self.tcfg = cfg.train
+    `cfg` is the run's `ResolvedConfig` (a plain `Config` is resolved here at this world size).
+    """
+
+    def __init__(
+        self, setup: TrainSetup, cfg: Config | ResolvedConfig, runtime: Runtime, run_dir: Path | None
+    ) -> None:
+        resolved = cfg if isinstance(cfg, ResolvedConfig) else resolve(cfg, runtime.world_size)
+        if resolved.batch.world_size != runtime.world_size:
+            raise LmkilnError(
+                f"the batch plan was made for {resolved.batch.world_size} processes, this run has "
+                f"{runtime.world_size}"
+            )
+        self.setup, self.cfg, self.runtime = setup, resolved.cfg, runtime
+        self.tcfg = resolved.cfg.train
+        self.accumulation = resolved.batch.accumulation
         self.run_dir = run_dir
         self.ckpt_root = run_dir / "checkpoints" if run_dir else None
         self.state = TrainState()
         self.train_model = setup.train_model if setup.train_model is not None else setup.model
-        self.micro = self.tcfg.micro_batch_size or self.tcfg.batch_size
-        per_rank = self.tcfg.batch_size // runtime.world_size
-        if self.tcfg.batch_size % runtime.world_size or per_rank % self.micro:
-            raise LmkilnError(
-                f"train.batch_size ({self.tcfg.batch_size}) must be a multiple of "
-                f"train.micro_batch_size ({self.micro}) × processes ({runtime.world_size})"
-            )
-        self.accumulation = per_rank // self.micro
+        self.parts = Checkpointed(
+            setup.model,
+            setup.optimizer,
+            setup.train_batches,
+            setup.fingerprint,
+            to_dict(resolved.cfg),
+            runtime.distributed and distributed.is_sharded(setup.model),
+        )
         self.last_eval: dict[str, float] = {}
         self.last_saved_step = -1
         self.signum: int | None = None
-        self.sharded = runtime.distributed and distributed.is_sharded(setup.model)
+        self.log = RunLog.disabled()
 
-    # -- state ---------------------------------------------------------------------------------
-    def trainer_json(self, optimizer_meta: dict) -> dict:
-        return {
-            "format": ckpt.FORMAT,
-            "state": self.state.to_dict(),
-            "optimizer": optimizer_meta,
-            "data": self.setup.train_batches.state_dict(),
-            "fingerprint": self.setup.fingerprint,
-            "config": to_dict(self.cfg),
-            "last_eval": self.last_eval,
-            "world_size": self.runtime.world_size,
-            "sharded": self.sharded,
-        }
+    @property
+    def sharded(self) -> bool:
+        return self.parts.sharded
 
+    # -- checkpoints ---------------------------------------------------------------------------
     def save(self, final: bool = False) -> Path | None:
         """Write a checkpoint of the current step (a collective: every rank calls it)."""
         if self.ckpt_root is None or self.last_saved_step == self.state.step:
             return None
-        runtime, model, optimizer = self.runtime, self.setup.model, self.setup.optimizer
         start = time.perf_counter()
-        with ckpt.CheckpointWriter(
-            self.ckpt_root, self.state.step, runtime.is_main, runtime.barrier
-        ) as writer:
-            rng_tensors, rng_meta = capture_rng()  # every rank keeps its own generators
-            writer.tensors(f"rng_rank{runtime.rank}.safetensors", rng_tensors)
-            writer.json(f"rng_rank{runtime.rank}.json", rng_meta)
-            if self.sharded:
-                with runtime.collective("sharded checkpoint save"):
-                    groups = distributed.save_sharded(writer.tmp / "dcp", model, optimizer)
-                    full = distributed.full_model_state(model) if final else None
-                if runtime.is_main:
-                    if full is not None:  # the last checkpoint also holds consolidated weights for export
-                        writer.tensors("model.safetensors", model_tensors(model, full))
-                    writer.json("trainer.json", self.trainer_json({"param_groups": groups}))
-            elif runtime.is_main:
-                writer.tensors("model.safetensors", model_tensors(model))
-                opt_tensors, opt_meta = optimizer_state(optimizer)
-                writer.tensors("optimizer.safetensors", opt_tensors)
-                writer.json("trainer.json", self.trainer_json(opt_meta))
-            path = writer.commit()
-        if runtime.is_main:
+        path = self.state.save(self.ckpt_root, self.parts, self.runtime, self.last_eval, final)
+        if self.runtime.is_main:
             best = self.state.best_step
             keep = {self.ckpt_root / ckpt.checkpoint_name(best)} if best >= 0 else set()
             ckpt.prune_checkpoints(self.ckpt_root, self.tcfg.keep_last, keep)
-            self.log.record(
-                "checkpoint",
-                {
-                    "step": self.state.step,
-                    "seconds": time.perf_counter() - start,
-                    "bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
-                    "path": str(path),
-                },
-            )
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            record = {"step": self.state.step, "seconds": time.perf_counter() - start, "bytes": size}
+            self.log.record("checkpoint", {**record, "path": str(path)})
         self.last_saved_step = self.state.step
         return path
 
     def restore(self, path: Path, data: bool = True, force: bool = False) -> None:
         """Apply a verified checkpoint; with data=False the data position and RNG keep going (rollback)."""
-        runtime = self.runtime
-        saved = ckpt.read_checkpoint(path, rank=runtime.rank)
-        trainer = saved.trainer
-        self._check_drift(trainer.get("fingerprint", {}), force)
-        if saved.sharded is not None:
-            with runtime.collective("sharded checkpoint load"):
-                distributed.load_sharded(
-                    saved.sharded,
-                    self.setup.model,
-                    self.setup.optimizer,
-                    trainer["optimizer"]["param_groups"],
-                )
-        elif self.sharded:
-            raise LmkilnError(f"{path} was written without FSDP; resume it with --dist.strategy ddp")
-        else:
-            load_model_tensors(self.setup.model, saved.model, str(path / "model.safetensors"))
-            load_optimizer_state(self.setup.optimizer, saved.optimizer, trainer["optimizer"])
-        rollbacks = self.state.rollbacks
-        self.state = TrainState.from_dict(trainer["state"])
-        self.last_eval = trainer.get("last_eval", {})
-        if data:
-            self.setup.train_batches.load_state_dict(trainer["data"])
-            if saved.rng or saved.rng_meta:
-                restore_rng(saved.rng, saved.rng_meta)
-            else:
-                log.warning(
-                    "no RNG state for rank %d in %s (world size changed); dropout randomness restarts",
-                    runtime.rank,
-                    path,
-                )
-        else:
-            self.state.rollbacks = rollbacks + 1
+        self.state, self.last_eval = TrainState.load(path, self.parts, self.runtime, data=data, force=force)
         self.last_saved_step = self.state.step
-
-    def _check_drift(self, old: dict, force: bool) -> None:
-        new = self.setup.fingerprint
-        changes = [
-            f"{k}: {old.get(k)!r} → {new.get(k)!r}"
-            for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)
-        ]
-        if not changes:
-            return
-        text = "; ".join(changes)
-        if not force:
-            raise LmkilnError(
-                f"refusing to resume: the run would change ({text}); start a new run, or pass "
-                f"--force to resume anyway"
-            )
-        log.warning("resuming with changed settings (--force): %s", text)
 
     def resume_from(self, resume: str, force: bool) -> Path | None:
         if self.ckpt_root is None:
@@ -326,89 +168,95 @@ class TrainLoop:
                 return None
         else:
             path = Path(resume) if Path(resume).is_dir() else self.ckpt_root / resume
-            if not (path / ckpt.MANIFEST).is_file():
-                available = [p.name for _, p in ckpt.list_checkpoints(self.ckpt_root)]
-                raise LmkilnError(
-                    f"checkpoint not found: {resume} (available in {self.ckpt_root}: "
-                    f"{', '.join(available) or 'none'})"
-                )
+        if not (path / ckpt.MANIFEST).is_file():
+            available = [p.name for _, p in ckpt.list_checkpoints(self.ckpt_root)]
+            raise LmkilnError(
+                f"checkpoint not found: {resume} (available in {self.ckpt_root}: "
+                f"{', '.join(available) or 'none'})"
+            )
         self.restore(path, force=force)
         return path
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, resume: str | None = None, force: bool = False) -> FitResult:
-        setup, tcfg, runtime = self.setup, self.tcfg, self.runtime
-        resume_start = time.perf_counter()
-        if self.ckpt_root is not None and runtime.is_main:
-            ckpt.remove_stale_partials(self.ckpt_root)
-        resumed = self.resume_from(resume, force) if resume else None
-        resume_seconds = time.perf_counter() - resume_start
-        self.log = (
-            RunLog(self.run_dir, self.cfg.log, setup.total_steps, self.state.step)
-            if runtime.is_main
-            else RunLog.disabled()
-        )
-        if resumed is not None:
-            log.info("resumed from %s at step %d (%.1f s)", resumed, self.state.step, resume_seconds)
-            self.log.record(
-                "resume", {"step": self.state.step, "seconds": resume_seconds, "path": str(resumed)}
-            )
-        first_eval = self._evaluate_start() if self.state.step == 0 and setup.evaluate is not None else {}
-        peak = measure_matmul_peak(runtime.device) if setup.flops_per_token else 0.0
-        throughput = Throughput(setup.flops_per_token, peak)
-        window_loss, window_steps = torch.zeros((), device=runtime.device), 0
-        stop_reason = "max_steps"
-        self.train_model.train()
-        started = time.perf_counter()
-        seconds_before = self.state.train_seconds
+        first_eval = self._start(resume, force)
         try:
             with self._interrupt_handlers():
-                while self.state.step < setup.total_steps:
-                    step = self.state.step
-                    lr = (
-                        set_learning_rate(setup.optimizer, step, setup.total_steps, self.cfg.schedule)
-                        * setup.optimizer.param_groups[0]["peak_lr"]
-                    )
-                    batches = [
-                        _to_device(next(setup.train_batches), runtime.device)
-                        for _ in range(self.accumulation)
-                    ]
-                    result = train_step(self.train_model, setup.objective, batches, runtime, tcfg.grad_clip)
-                    if not self._guard(result, step):
-                        continue
-                    setup.optimizer.step()
-                    setup.optimizer.zero_grad(set_to_none=True)
-                    self.state.step += 1
-                    tokens = sum(setup.tokens_in(b) for b in batches) * runtime.world_size
-                    self.state.tokens_seen += tokens
-                    throughput.add(tokens)
-                    window_loss += result.loss
-                    window_steps += 1
-                    self.state.train_seconds = seconds_before + time.perf_counter() - started
-                    epoch_before = self.state.epoch
-                    if setup.epoch_of is not None:
-                        self.state.epoch = setup.epoch_of()
-                    last = self.state.step == setup.total_steps or self._epochs_done()
-                    if self.state.step % tcfg.log_every == 0 or last:
-                        self._log_step(window_loss, window_steps, lr, result, throughput)
-                        window_loss, window_steps = torch.zeros((), device=runtime.device), 0
-                    if setup.evaluate is not None and (self._eval_due(epoch_before) or last):
-                        if self._evaluate(final=last):
-                            stop_reason = "early_stopping"
-                            last = True
-                    if self.state.step % tcfg.save_every == 0 or last:
-                        self.save(final=last)
-                    if self.signum is not None:
-                        path = self.save()
-                        raise Interrupted(self.signum, self.state.step, path or self._latest_path())
-                    if last:
-                        if self._epochs_done():
-                            stop_reason = "max_epochs"
-                        break
+                stop_reason = self._run()
         finally:
             self.log.plot(force=True)
             self.log.close()
         return FitResult(self.state, self.last_eval, self._latest_path(), stop_reason, first_eval)
+
+    def _start(self, resume: str | None, force: bool) -> dict[str, float]:
+        """Clean up, resume, open the log and evaluate the untrained model; returns that evaluation."""
+        started = time.perf_counter()
+        if self.ckpt_root is not None and self.runtime.is_main:
+            ckpt.remove_stale_partials(self.ckpt_root)
+        resumed = self.resume_from(resume, force) if resume else None
+        seconds = time.perf_counter() - started
+        if self.runtime.is_main:
+            self.log = RunLog(self.run_dir, self.cfg.log, self.setup.total_steps, self.state.step)
+        if resumed is not None:
+            log.info("resumed from %s at step %d (%.1f s)", resumed, self.state.step, seconds)
+            self.log.record("resume", {"step": self.state.step, "seconds": seconds, "path": str(resumed)})
+        peak = measure_matmul_peak(self.runtime.device) if self.setup.flops_per_token else 0.0
+        self.throughput = Throughput(self.setup.flops_per_token, peak)
+        self.window_loss, self.window_steps = torch.zeros((), device=self.runtime.device), 0
+        first_eval = self._run_evaluation() if self.state.step == 0 and self.setup.evaluate else {}
+        self.train_model.train()
+        self.started, self.seconds_before = time.perf_counter(), self.state.train_seconds
+        return first_eval
+
+    def _run(self) -> str:
+        while self.state.step < self.setup.total_steps:
+            stop_reason = self._step()
+            if stop_reason:
+                return stop_reason
+        return "max_steps"
+
+    def _step(self) -> str | None:
+        """One optimizer step and what follows it; returns why the run stops after it, or None."""
+        setup, tcfg = self.setup, self.tcfg
+        step = self.state.step
+        peak_lr = setup.optimizer.param_groups[0]["peak_lr"]
+        lr = set_learning_rate(setup.optimizer, step, setup.total_steps, self.cfg.schedule) * peak_lr
+        batches = [
+            to_device(next(setup.train_batches), self.runtime.device) for _ in range(self.accumulation)
+        ]
+        result = train_step(self.train_model, setup.objective, batches, self.runtime, tcfg.grad_clip)
+        if not self._guard(result, step):
+            return None
+        setup.optimizer.step()
+        setup.optimizer.zero_grad(set_to_none=True)
+        epoch_before = self._count(batches, result)
+        last = self.state.step == setup.total_steps or self._epochs_done()
+        if self.state.step % tcfg.log_every == 0 or last:
+            self._log_step(lr, result)
+        stop = None
+        if setup.evaluate is not None and (self._eval_due(epoch_before) or last) and self._evaluate(last):
+            stop, last = "early_stopping", True
+        if self.state.step % tcfg.save_every == 0 or last:
+            self.save(final=last)
+        if self.signum is not None:
+            raise Interrupted(self.signum, self.state.step, self.save() or self._latest_path())
+        if last:
+            return stop or ("max_epochs" if self._epochs_done() else "max_steps")
+        return None
+
+    def _count(self, batches: list[Batch], result: StepResult) -> int:
+        """Advance the counters after an applied step; returns the epoch before it."""
+        self.state.step += 1
+        tokens = sum(self.setup.tokens_in(b) for b in batches) * self.runtime.world_size
+        self.state.tokens_seen += tokens
+        self.throughput.add(tokens)
+        self.window_loss += result.loss
+        self.window_steps += 1
+        self.state.train_seconds = self.seconds_before + time.perf_counter() - self.started
+        epoch_before = self.state.epoch
+        if self.setup.epoch_of is not None:
+            self.state.epoch = self.setup.epoch_of()
+        return epoch_before
 
     def _eval_due(self, epoch_before: int) -> bool:
         """Every eval_every steps; epoch-based runs (max_epochs > 0) every eval_every_epochs epochs."""
@@ -426,6 +274,7 @@ class TrainLoop:
         found = ckpt.list_checkpoints(self.ckpt_root)
         return found[-1][1] if found else None
 
+    # -- non-finite steps ----------------------------------------------------------------------
     def _guard(self, result: StepResult, step: int) -> bool:
         """Apply the step only if loss and gradient norm are finite on every rank (one host sync)."""
         flags = torch.stack(
@@ -434,76 +283,45 @@ class TrainLoop:
                 torch.tensor(float(self.signum is not None), device=result.loss.device),
             ]
         )
-        flags = self.runtime.all_reduce_max(flags, "step health flags")
-        bad, interrupted = flags.tolist()
+        bad, interrupted = self.runtime.all_reduce_max(flags, "step health flags").tolist()
         if interrupted and self.signum is None:
             self.signum = signal.SIGTERM  # another rank was signalled; stop together
         if not bad:
             self.state.nonfinite_streak = 0
             return True
         self.setup.optimizer.zero_grad(set_to_none=True)
-        self.state.nonfinite_steps += 1
-        self.state.nonfinite_streak += 1
         loss, norm = result.loss.item(), result.grad_norm.item()
         position = self.setup.train_batches.state_dict().get("position")
-        where = f"step {step + 1} (loss {loss}, grad norm {norm}"
-        where += (
-            f", micro-batches {position - self.accumulation}..{position - 1} of the data stream)"
-            if isinstance(position, int)
-            else ")"
-        )
-        self.log.record(
-            "nonfinite",
-            {
-                "step": step + 1,
-                "loss": loss,
-                "grad_norm": norm,
-                "nonfinite_steps": self.state.nonfinite_steps,
-            },
-        )
-        policy = self.tcfg.nonfinite
-        if policy == "stop":
-            raise NonFiniteError(
-                f"non-finite loss or gradient at {where}; the update was not applied. "
-                f"Lower optim.lr, check the data, or set train.nonfinite=skip"
-            )
-        if self.state.nonfinite_streak > self.tcfg.max_nonfinite:
-            raise NonFiniteError(
-                f"{self.state.nonfinite_streak} consecutive non-finite steps, the last at {where}; "
-                f"giving up (train.max_nonfinite={self.tcfg.max_nonfinite})"
-            )
-        if policy == "rollback":
-            path = ckpt.latest_checkpoint(self.ckpt_root) if self.ckpt_root else None
-            if path is None:
-                raise NonFiniteError(f"non-finite loss at {where} and no checkpoint to roll back to")
-            counts = (self.state.nonfinite_steps, self.state.nonfinite_streak)
-            self.restore(path, data=False, force=True)
-            self.state.nonfinite_steps, self.state.nonfinite_streak = counts
-            self.log.message(f"non-finite at {where}; rolled back to {path.name}")
+        where = nonfinite.describe(step + 1, loss, norm, position, self.accumulation)
+        record = {"step": step + 1, "loss": loss, "grad_norm": norm}
+        self.log.record("nonfinite", {**record, "nonfinite_steps": self.state.nonfinite_steps + 1})
+        if nonfinite.decide(self.state, self.tcfg, where) == "rollback":
+            self._roll_back(where)
         else:
             self.log.message(f"non-finite at {where}; step skipped")
         return False
 
-    def _log_step(
-        self,
-        window_loss: torch.Tensor,
-        window_steps: int,
-        lr: float,
-        result: StepResult,
-        throughput: Throughput,
-    ) -> None:
-        loss = (
-            self.runtime.all_reduce_sum(window_loss.clone(), "logged loss").item()
-            / max(window_steps, 1)
-            / self.runtime.world_size
-        )
+    def _roll_back(self, where: str) -> None:
+        path = ckpt.latest_checkpoint(self.ckpt_root) if self.ckpt_root else None
+        if path is None:
+            raise nonfinite.NonFiniteError(f"non-finite loss at {where} and no checkpoint to roll back to")
+        kept = (self.state.nonfinite_steps, self.state.nonfinite_streak, self.state.rollbacks + 1)
+        self.restore(path, data=False, force=True)
+        self.state.nonfinite_steps, self.state.nonfinite_streak, self.state.rollbacks = kept
+        self.log.message(f"non-finite at {where}; rolled back to {path.name}")
+
+    # -- logging and evaluation ----------------------------------------------------------------
+    def _log_step(self, lr: float, result: StepResult) -> None:
+        summed = self.runtime.all_reduce_sum(self.window_loss.clone(), "logged loss").item()
+        loss = summed / max(self.window_steps, 1) / self.runtime.world_size
+        self.window_loss, self.window_steps = torch.zeros((), device=self.runtime.device), 0
         values = {
             "step": self.state.step,
             "loss": loss,
             "lr": lr,
             "grad_norm": result.grad_norm.item(),
             "tokens": self.state.tokens_seen,
-            **throughput.report(),
+            **self.throughput.report(),
             "elapsed_s": self.state.train_seconds,
             "nonfinite_steps": self.state.nonfinite_steps,
         }
@@ -529,28 +347,15 @@ class TrainLoop:
         if self.setup.epoch_of is not None:
             where["epoch"] = self.state.epoch
         self.log.record("eval", {**where, **metrics})
-        self.log.message(
-            "eval "
-            + " ".join(f"{k} {v}" for k, v in where.items())
-            + ": "
-            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        )
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        self.log.message("eval " + " ".join(f"{k} {v}" for k, v in where.items()) + ": " + shown)
         return metrics
-
-    def _evaluate_start(self) -> dict[str, float]:
-        """The untrained model's metrics: the starting point of every curve (not a candidate for best)."""
-        return self._run_evaluation()
 
     def _evaluate(self, final: bool = False) -> bool:
         """Run validation, track the best value; True when early stopping says stop."""
         metrics = self.last_eval = self._run_evaluation()
         self.log.plot()
-        monitor = self.tcfg.monitor
-        if monitor not in metrics:
-            raise LmkilnError(
-                f"train.monitor {monitor!r} is not a validation metric here; available: {', '.join(metrics)}"
-            )
-        value = metrics[monitor]
+        value = metrics[self._monitor(metrics)]
         best = self.state.best_value
         sign = 1 if self.tcfg.monitor_mode == "min" else -1
         if math.isfinite(value) and (best is None or sign * (best - value) > self.tcfg.min_delta):
@@ -559,6 +364,17 @@ class TrainLoop:
             return False
         self.state.bad_evals += 1
         return self.tcfg.patience > 0 and self.state.bad_evals >= self.tcfg.patience
+
+    def _monitor(self, metrics: dict[str, float]) -> str:
+        """The monitored key; a bare name (`accuracy`, as lmkiln 0.1 fine-tuning reported it) means val_<name>."""
+        monitor = self.tcfg.monitor
+        if monitor not in metrics and f"val_{monitor}" in metrics:
+            return f"val_{monitor}"
+        if monitor not in metrics:
+            raise LmkilnError(
+                f"train.monitor {monitor!r} is not a validation metric here; available: {', '.join(metrics)}"
+            )
+        return monitor
 
     @contextlib.contextmanager
     def _interrupt_handlers(self) -> Iterator[None]:

@@ -150,6 +150,30 @@ LOSS_KINDS = {
 }
 
 
+@dataclass
+class ClassificationLoss:
+    """A `SupervisedLoss` criterion on a classifier's logits for token inputs: the one
+    classification objective of a decoder with a head (fine-tuning) and of an encoder.
+
+    Batch: input_ids (B, T), labels (B,) class ids, IGNORE_INDEX for the loop's padding slots,
+    and the model inputs present among attention_mask/position_ids, passed as keywords.
+    """
+
+    criterion: SupervisedLoss = field(default_factory=SupervisedLoss)
+
+    def count(self, batch: Batch) -> torch.Tensor:
+        return self.criterion.count({"y": batch["labels"]})
+
+    def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return self.criterion.total(classifier_logits(model, batch), {"y": batch["labels"]})
+
+
+def classifier_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """(B, n_classes) logits of a classifier called as model(input_ids, attention_mask=, position_ids=)."""
+    inputs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+    return model(batch["input_ids"], **inputs)
+
+
 def loss_from_criterion(criterion: nn.Module) -> SupervisedLoss:
     """The SupervisedLoss equal to a PyTorch criterion (so `nn.CrossEntropyLoss()` can be passed as is).
 

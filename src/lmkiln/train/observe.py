@@ -200,7 +200,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> Path | None:
     ax_loss.grid(alpha=0.3)
     ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
     ax_lr.grid(alpha=0.3)
-    from lmkiln.eval.plots import save_figure
+    from lmkiln.train.plots import save_figure
 
     return save_figure(fig, path)
 

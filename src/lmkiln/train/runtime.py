@@ -18,7 +18,6 @@ import torch.distributed as dist
 
 from lmkiln.config import DistConfig, TrainConfig
 from lmkiln.errors import LmkilnError
-from lmkiln.model.kernels import set_cpu_matmul
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,7 +83,6 @@ class Runtime:
         dist_cfg = dist_cfg or DistConfig()
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        set_cpu_matmul(cfg.cpu_matmul)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         device = resolve_device(cfg.device)
@@ -163,12 +161,12 @@ def measure_matmul_peak(
     generator = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
-    from lmkiln.model.kernels import linear
+    from lmkiln.model.kernels import onednn_linear
 
     best = float("inf")
     # the best of the default BLAS and the GEMM lmkiln's Linear layers use (oneDNN on AVX-512 CPUs),
     # so MFU is measured against what the machine demonstrably does
-    for multiply in (torch.matmul, lambda x, y: linear(x, y.t())):
+    for multiply in (torch.matmul, lambda x, y: onednn_linear(x, y.t())):
         for _ in range(repeats + 1):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

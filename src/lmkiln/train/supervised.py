@@ -29,11 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmkiln.config import Config, OptimConfig, build_config, flatten, to_dict
-from lmkiln.data.examples import Examples, as_examples, as_features, collate, to_tensor
+from lmkiln.config import Config, OptimConfig, batch_plan, build_config, flatten, resolve, to_dict
+from lmkiln.data.labelled import Examples, as_examples, as_features, collate, to_tensor
 from lmkiln.data.loader import epoch_stream
 from lmkiln.errors import LmkilnError
-from lmkiln.eval.metrics import (
+from lmkiln.runs.rundir import open_run_dir
+from lmkiln.train.loop import FitResult, TrainLoop, TrainSetup
+from lmkiln.train.metrics import (
     DEFAULT_METRICS,
     HIGHER_IS_BETTER,
     LOWER_IS_BETTER,
@@ -42,11 +44,8 @@ from lmkiln.eval.metrics import (
     per_class_f1,
     task_metrics,
 )
-from lmkiln.train import checkpoint as ckpt
-from lmkiln.train.loop import FitResult, TrainLoop, TrainSetup, load_model_tensors
 from lmkiln.train.objectives import SupervisedLoss, loss_from_criterion
 from lmkiln.train.optim import OPTIMIZERS, build_optimizer
-from lmkiln.train.run import prepare_run_dir, run_dir_of
 from lmkiln.train.runtime import Runtime
 
 log = logging.getLogger("lmkiln")
@@ -143,7 +142,7 @@ class Report:
     class_names: list[str] = field(default_factory=list)
 
     def save_confusion_matrix(self, path: str | Path, title: str = "") -> Path:
-        from lmkiln.eval.plots import plot_confusion_matrix
+        from lmkiln.train.plots import plot_confusion_matrix
 
         if self.confusion is None:
             raise LmkilnError("a confusion matrix exists for classification only")
@@ -216,6 +215,7 @@ class Trainer:
         self.loss = SupervisedLoss(**vars(self.cfg.loss))
         self.kind = self.loss.kind
         self.runtime = Runtime.start(self.cfg.train, self.cfg.dist)
+        self.plan = batch_plan(self.cfg.train, self.runtime.world_size)
         self.model = model.to(self.runtime.device)
         self.train_data = as_examples(train_data, self.kind, "training data")
         self.val_data = as_examples(val_data, self.kind, "validation data") if val_data is not None else None
@@ -298,7 +298,7 @@ class Trainer:
     # -- evaluation ----------------------------------------------------------------------------
     def _forward_all(self, examples: Examples, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(outputs, targets, mean loss) over every example, in order, without gradients."""
-        chunk = 4 * (self.cfg.train.micro_batch_size or self.cfg.train.batch_size)
+        chunk = 4 * self.plan.micro_batch_size
         device = self.runtime.device
         outputs, targets = [], []
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -370,7 +370,7 @@ class Trainer:
         raw=True returns the model's outputs as they are (logits for classification).
         """
         inputs = as_features(to_tensor(x))
-        chunk = 4 * (self.cfg.train.micro_batch_size or self.cfg.train.batch_size)
+        chunk = 4 * self.plan.micro_batch_size
         with _eval_mode(self.model):
             outputs = torch.cat(
                 [
@@ -388,11 +388,10 @@ class Trainer:
         from lmkiln.train.distributed import is_sharded, parallelize
 
         cfg, runtime = self.cfg, self.runtime
-        if runtime.is_main:
-            run_dir = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
-        runtime.barrier()
-        if not runtime.is_main:
-            run_dir = run_dir_of(cfg)
+        run = resolve(cfg, runtime.world_size, examples=len(self.train_data))
+        run_dir = open_run_dir(
+            cfg, is_main=runtime.is_main, barrier=runtime.barrier, resume=resume, overwrite=overwrite
+        )
         torch.manual_seed(cfg.train.seed)  # dropout masks; a resumed run restores its own RNG
         train_model = parallelize(self.model, cfg, runtime)
         if is_sharded(self.model):  # FSDP2 replaced the parameters: the optimizer must see the shards
@@ -402,13 +401,8 @@ class Trainer:
                     "object built on the unsharded parameters"
                 )
             self.optimizer = build_optimizer(self.model, cfg.optim)
-        micro = cfg.train.micro_batch_size or cfg.train.batch_size
-        batches, total = epoch_stream(
-            len(self.train_data),
-            cfg.train,
-            runtime.rank,
-            runtime.world_size,
-            partial(collate, self.train_data),
+        batches = epoch_stream(
+            len(self.train_data), run.batch, cfg.train.seed, runtime.rank, partial(collate, self.train_data)
         )
         setup = TrainSetup(
             model=self.model,
@@ -416,23 +410,22 @@ class Trainer:
             objective=self.loss,
             train_batches=batches,
             optimizer=self.optimizer,
-            total_steps=total,
+            total_steps=run.total_steps,
             evaluate=self._evaluator() if self.val_data is not None else None,
-            fingerprint=self._fingerprint(micro),
+            fingerprint=self._fingerprint(run.batch.micro_batch_size),
             tokens_in=lambda batch: batch["examples"],
             epoch_of=lambda: batches.epoch,
             unit="examples",
         )
-        loop = TrainLoop(setup, cfg, runtime, run_dir)
+        loop = TrainLoop(setup, run, runtime, run_dir)
         fitted = loop.fit(resume=resume, force=force)
         state = fitted.state
         best = state.best_step if state.best_step >= 0 else None
         checkpoint, restored = fitted.checkpoint, False
         metrics = dict(fitted.last_eval)
-        if self.restore_best and best is not None and best != state.step:
-            checkpoint = run_dir / "checkpoints" / ckpt.checkpoint_name(best)
-            saved = ckpt.read_checkpoint(checkpoint)
-            load_model_tensors(self.model, saved.model, str(checkpoint / "model.safetensors"))
+        if self.restore_best and fitted.best_checkpoint() is not None:
+            checkpoint = fitted.best_checkpoint()
+            fitted.restore_best(self.model)
             restored = True
             with _eval_mode(self.model):
                 metrics = {f"val_{k}": v for k, v in self._metrics(self.val_data, self.model).items()}

@@ -1,0 +1,1 @@
+"""BERT-style encoders from Hugging Face directories, fine-tuned for semantic search or classification."""

@@ -1,0 +1,96 @@
+"""Writing files so that a crash never leaves a half-written one: the one atomic-write helper.
+
+A file is written under a temporary name next to its destination, flushed to disk and renamed
+over it (a rename within a directory is atomic on POSIX), and the directory entry is synced.
+Directories that must appear whole (checkpoints, shard sets, tokenizers) are written the same way
+one level up: into `NAME.tmp…/`, then renamed (see `lmkiln.runs.checkpoint`, `lmkiln.data.shards`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Persist a directory's entries (a rename into it); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path to write `path`'s content to; on success it replaces `path` at once.
+
+    The temporary name keeps the suffix (tools such as matplotlib pick the format from it); on
+    an error it is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """A temporary directory to fill; on success it is renamed to `path`.
+
+    If `path` exists by then (another process wrote the same content first, as with a cached
+    tokenizer), that one is kept and the temporary copy removed.
+    """
+    import shutil
+
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    fsync_dir(path.parent)
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write text (UTF-8) or bytes to `path` atomically."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_json_atomic(path: str | Path, value: Any, indent: int = 1) -> Path:
+    return write_atomic(path, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
