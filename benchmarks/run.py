@@ -8,7 +8,7 @@ generation, memory — and the targets, as ratios measured in the same run.
 Candidates alternate within each section (lmkiln, peer, floor, lmkiln, ...) and figures are
 medians, so background load on a shared machine moves all of them alike. Prints the JSON report
 and then a table; `--json OUT` also writes the JSON. Sections: train, ttl (needs --corpus),
-tokenize, generate, serve, memory, gpu (only with CUDA).
+tokenize, generate, serve, gguf (needs llama-cpp-python), memory, gpu (only with CUDA).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ try:
 except ImportError:  # run from a checkout without installing: use its src/
     sys.path.insert(0, str(ROOT / "src"))
 
-SECTIONS = ("train", "ttl", "tokenize", "generate", "serve", "memory", "gpu")
+SECTIONS = ("train", "ttl", "tokenize", "generate", "serve", "gguf", "memory", "gpu")
 log = logging.getLogger("lmkiln.bench")
 
 # (shape, steps per run, warm-up steps dropped, rounds) — full and --quick
@@ -118,6 +118,23 @@ def run_serve(args) -> dict:
     return measure(args.corpus or "builtin:pydoc", rounds=2, requests=1, max_tokens=128)
 
 
+def run_gguf(args) -> dict | None:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        log.info("gguf: skipped (llama-cpp-python is not installed: pip install 'lmkiln[llama]')")
+        return None
+    from benchmarks.gguf_speed import measure
+
+    log.info("gguf: llama.cpp (f32, f16, q8_0) vs lmkiln generate, batch 1")
+    return measure(
+        args.corpus or "builtin:pydoc",
+        new_tokens=32 if args.quick else 128,
+        rounds=2 if args.quick else 5,
+        threads=args.threads,
+    )
+
+
 def run_memory(args) -> dict:
     from benchmarks.common import SHAPES
     from benchmarks.memory import measure
@@ -159,6 +176,7 @@ RUNNERS = {
     "tokenize": run_tokenize,
     "generate": run_generate,
     "serve": run_serve,
+    "gguf": run_gguf,
     "memory": run_memory,
     "gpu": run_gpu,
 }
@@ -311,6 +329,10 @@ def table(results: dict) -> str:
         from benchmarks.serving import table as serving_table
 
         lines.append("\n" + serving_table(results["serve"]))
+    if results.get("gguf"):
+        from benchmarks.gguf_speed import table as gguf_table
+
+        lines.append("\n" + gguf_table(results["gguf"]))
     mem = results.get("memory")
     for section in (mem, (mem or {}).get("large_vocabulary")):
         if not section:

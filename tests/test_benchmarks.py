@@ -37,3 +37,16 @@ def test_gpu_section_runs_end_to_end_on_the_cpu():
     rows = result["shapes"]["tiny"]["rows"]
     assert set(rows) == {"lmkiln", "transformers", "plain_pytorch"}
     assert all(row["tokens_per_s"] > 0 and row["steps_timed"] > 0 for row in rows.values())
+
+
+def test_data_audit_sections_run_on_small_sizes(tmp_path):
+    from benchmarks import data_audit
+
+    corpora = {"generated": ["plain words here " * 20] * 50}
+    quality = data_audit.scrub_quality(20, corpora)
+    assert all(row["recall"] >= 0.99 for row in quality["recall"].values())
+    assert quality["false_positives_clean"]["generated"]["findings"] == 0
+    memory = data_audit.dedup_memory(2_000, 300)
+    assert 16 < memory["exact"]["bytes_per_document"] < 1_000 and memory["near"]["bytes_per_document"] > 512
+    speed = data_audit.dedup_speed(300, 1)
+    assert speed["mb_per_s"]["exact"] > 0 and speed["mb_per_s"]["near"] > 0

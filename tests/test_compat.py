@@ -80,3 +80,19 @@ def test_an_old_run_exports_to_transformers(old_runs, tmp_path, run):
     loaded = load_run(old_runs / run)
     check = verify_export(loaded.model, loaded.tokenizer, report.out_dir)
     assert check.tokens_equal and check.max_abs_logits_diff < 1e-4, check
+
+
+@pytest.mark.parametrize("run", ["pretrain", "lora"])
+def test_an_old_run_exports_to_gguf(old_runs, tmp_path, run):
+    pytest.importorskip("gguf")
+    from lmkiln.interop.gguf_export import export_gguf_from
+    from lmkiln.interop.gguf_verify import llama_cpp_available, verify_gguf
+
+    report = export_gguf_from(old_runs / run, tmp_path / f"{run}.gguf")
+    assert report.path.stat().st_size == report.bytes > 0 and report.architecture == "llama"
+    if not llama_cpp_available():
+        return
+    loaded = load_run(old_runs / run)
+    found = verify_gguf(loaded.model, loaded.tokenizer, report.path, "f32", threads=2)
+    # the same token ids and logits in llama.cpp (greedy ties of a 4-step model are not asserted)
+    assert found.tokens_equal and found.max_abs_logits_diff < 1e-3, found.lines()

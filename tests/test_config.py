@@ -172,7 +172,11 @@ def test_finetune_choices_match_the_registries():
     from lmkiln.model.classifier import POOLING
 
     keys = all_keys()
-    assert set(typing.get_args(keys["finetune.format"])) == set(FORMATS) == set(EVAL_TASKS) - {"perplexity"}
+    assert (
+        set(typing.get_args(keys["finetune.format"]))
+        == set(FORMATS)
+        == set(EVAL_TASKS) - {"perplexity", "memorization"}
+    )
     assert set(typing.get_args(keys["finetune.pooling"])) == set(POOLING)
 
 

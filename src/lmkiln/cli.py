@@ -142,6 +142,85 @@ def cmd_data_prepare(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_data_audit(args: argparse.Namespace, extra: list[str]) -> int:
+    import json
+
+    overrides = [*extra, f"data.corpus={args.corpus}"] if args.corpus else extra
+    cfg = _load(args, overrides)
+    if args.print_config:
+        _print_config(cfg)
+        return 0
+    if args.eval:
+        return _audit_contamination(args, cfg)
+    if not args.corpus:
+        raise LmkilnError(
+            "give the corpus to audit: lmkiln data audit CORPUS (or --train CORPUS --eval FILE ...)"
+        )
+    from lmkiln.data.audit import audit_corpus, format_audit
+    from lmkiln.data.scrub import check_types
+
+    tokenizer = _audit_tokenizer(args.tokenizer)
+    types = check_types(args.types.split(","), "--types") if args.types else None
+    audit = audit_corpus(cfg.data, tokenizer, types, dedup=not args.no_dedup)
+    if args.json:
+        print(json.dumps(audit.as_dict(), indent=1, ensure_ascii=False))
+    else:
+        print(format_audit(audit))
+    if args.out:
+        from lmkiln.files import write_json_atomic
+
+        write_json_atomic(args.out, audit.as_dict())
+    return 0
+
+
+def _audit_tokenizer(path: str | None):
+    if not path:
+        return None
+    from pathlib import Path
+
+    from lmkiln.data.tokenizer import Tokenizer
+
+    directory = Path(path)
+    if (directory / "tokenizer" / "tokenizer.json").is_file():  # a run directory
+        directory = directory / "tokenizer"
+    return Tokenizer.load(directory)
+
+
+def _audit_contamination(args: argparse.Namespace, cfg) -> int:
+    import json
+    from pathlib import Path
+
+    from lmkiln.data.contamination import check_contamination, write_decontaminated
+
+    train = args.train or args.corpus
+    if not train:
+        raise LmkilnError("--eval needs the training corpus: --train CORPUS")
+    reports = check_contamination(train, args.eval, args.ngram, cfg.data.field, cfg.data.text_unit)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in reports], indent=1, ensure_ascii=False))
+    for report in reports:
+        if not args.json:
+            print(
+                f"{report.path}: {len(report.contaminated):,} of {report.checked:,} examples contaminated "
+                f"({report.share():.1%}; {args.ngram}-gram overlap with {train}"
+                + (
+                    f", {len(report.examples) - report.checked} too short to check)"
+                    if report.checked < len(report.examples)
+                    else ")"
+                )
+            )
+            for example in report.worst():
+                print(f"  {example.location}  {example.overlap:.0%} of its n-grams  {example.match}")
+        if args.decontaminate:
+            written = write_decontaminated(report, Path(args.decontaminate))
+            kept = len(report.examples) - len(report.contaminated)
+            print(
+                f"  decontaminated copy: {written} ({kept:,} examples)",
+                file=sys.stderr if args.json else sys.stdout,
+            )
+    return 0
+
+
 def _print_data_summary(tok, shards) -> None:
     tokenizer = tok.tokenizer
     how = "cached" if tok.cached else f"trained in {tok.seconds:.2f} s"
@@ -152,6 +231,10 @@ def _print_data_summary(tok, shards) -> None:
         f"shards: {m['train']['tokens']:,} train / {m['val']['tokens']:,} validation tokens "
         f"({shards.shards.dtype.name}, {speed})"
     )
+    from lmkiln.data.cleaning import describe_cleaning
+
+    if describe_cleaning(shards.shards.manifest):
+        print(f"data quality: {describe_cleaning(shards.shards.manifest)}")
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -416,13 +499,33 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
         args.limit,
         extra,
         args.device,
+        args.candidates,
     )
     out = Path(args.out) if args.out else Path(args.run_dir) / f"eval-{args.task}.json"
     write_result(result, out, {"run": str(args.run_dir), "data": str(args.data)})
-    print(f"{args.task} on {args.data}: {result.examples} examples in {result.seconds:.1f} s")
+    if args.task == "memorization":
+        _print_canaries(result)
+    else:
+        print(f"{args.task} on {args.data}: {result.examples} examples in {result.seconds:.1f} s")
     print(result.table())
     print(f"results: {out}")
     return 0
+
+
+def _print_canaries(result) -> None:
+    rows = [r for r in result.samples if "canary" in r]
+    info = next(r for r in result.samples if "plot" in r)
+    print(
+        f"memorization: {len(rows)} canaries against {info['candidates']} random candidates each "
+        f"(log2 |R| = {info['space_bits']:.1f} bits), {result.seconds:.1f} s"
+    )
+    print(f"{'canary':<34} {'copies':>6} {'bits':>8} {'exposure':>9} {'sampled':>8} {'extracted':>9}")
+    for r in rows:
+        print(
+            f"{r['canary']:<34} {r['repeats']:>6} {r['log_perplexity_bits']:>8.2f} {r['exposure']:>9.2f} "
+            f"{r['exposure_sampled']:>8.2f} {'yes' if r['extracted'] else 'no':>9}"
+        )
+    print(f"plot: {info['plot']}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,12 +535,14 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise LmkilnError(f"unexpected arguments: {_quote(extra)}")
+    if args.to == "gguf":
+        return _export_gguf(args)
     from lmkiln.interop.hf_export import export_run, parse_size, verify_export
 
     report = export_run(
         args.run_dir,
         args.out_dir,
-        dtype=args.dtype,
+        dtype=args.dtype or "float32",
         max_shard_bytes=parse_size(args.max_shard_size),
         overwrite=args.overwrite,
     )
@@ -450,7 +555,7 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
         from lmkiln.runs.load import load_run
 
         loaded = load_run(args.run_dir)
-        check = verify_export(loaded.model, loaded.tokenizer, report.out_dir, args.dtype)
+        check = verify_export(loaded.model, loaded.tokenizer, report.out_dir, args.dtype or "float32")
         status = "ok" if check.tokens_equal and check.max_abs_logits_diff <= 1e-4 else "MISMATCH"
         print(
             f"verified with transformers: max |Δlogits| {check.max_abs_logits_diff:.2e}, token ids "
@@ -462,6 +567,44 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
         if status != "ok":
             return 1
     print(f"load it: AutoModelForCausalLM.from_pretrained({str(report.out_dir)!r})")
+    return 0
+
+
+def _export_gguf(args: argparse.Namespace) -> int:
+    from lmkiln.interop.gguf_export import export_gguf_from
+
+    dtype = args.dtype or "f32"
+    report = export_gguf_from(args.run_dir, args.out_dir, dtype=dtype, force=args.overwrite)
+    print(
+        f"exported {report.source} as GGUF ({report.architecture}, {dtype}): "
+        f"{report.parameters / 1e6:.2f}M parameters, {report.tensors} tensors, "
+        f"{report.bytes / 1e6:.1f} MB in {report.seconds:.2f} s"
+    )
+    chat = ", chat template" if report.chat_template else ""
+    print(f"  {report.path}: tokenizer {report.tokenizer}{chat}")
+    for note in report.notes:
+        print(f"  note: {note}")
+    if args.verify:
+        from lmkiln.interop.gguf_verify import llama_cpp_available, verify_gguf
+
+        if not llama_cpp_available():
+            print(
+                "not verified: llama_cpp is not installed (pip install 'lmkiln[llama]' builds llama.cpp; "
+                "then rerun with --verify)"
+            )
+            return 0
+        from lmkiln.interop.hf_import import load_pretrained
+
+        loaded = load_pretrained(args.run_dir)
+        parity = verify_gguf(loaded.model, loaded.tokenizer, report.path, dtype)
+        print(f"verified with llama.cpp ({'ok' if parity.ok else 'MISMATCH'}):")
+        for line in parity.lines():
+            print(f"  {line}")
+        for problem in parity.problems:
+            print(f"  problem: {problem}")
+        if not parity.ok:
+            return 1
+    print(f"run it: llama-cli -m {report.path}   (or Ollama: FROM {report.path} in a Modelfile)")
     return 0
 
 
@@ -537,16 +680,31 @@ def cmd_eval_retrieval(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _add_interop_commands(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser(
-        "export", help="export a trained run as a Hugging Face model directory", allow_abbrev=False
+        "export",
+        help="export a trained run as a Hugging Face model directory or a GGUF file (llama.cpp)",
+        allow_abbrev=False,
     )
-    export.add_argument("run_dir", help="run directory (or one of its checkpoints)")
-    export.add_argument("--to", choices=["hf"], default="hf", help="format (hf: transformers directory)")
-    export.add_argument("out_dir", help="directory to write")
-    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    export.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this size")
-    export.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     export.add_argument(
-        "--verify", action="store_true", help="load the result with transformers and compare logits/ids"
+        "run_dir", help="run directory (or one of its checkpoints); gguf: also a HF model dir"
+    )
+    export.add_argument(
+        "--to",
+        choices=["hf", "gguf"],
+        default="hf",
+        help="hf: transformers directory; gguf: one llama.cpp file",
+    )
+    export.add_argument("out_dir", help="hf: directory to write; gguf: the .gguf file to write")
+    export.add_argument(
+        "--dtype", help="hf: float32 (default), bfloat16, float16; gguf: f32 (default), f16, q8_0"
+    )
+    export.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this size")
+    export.add_argument(
+        "--overwrite", "--force", action="store_true", help="replace a non-empty OUT_DIR or an existing file"
+    )
+    export.add_argument(
+        "--verify",
+        action="store_true",
+        help="load the result with its consumer (transformers, or llama.cpp for gguf) and compare",
     )
     export.set_defaults(func=cmd_export)
 
@@ -698,11 +856,29 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     evaluate.add_argument("run_dir", help="run directory (or one of its checkpoints)")
-    evaluate.add_argument("--data", required=True, help="task file: .jsonl, .csv or .parquet")
+    evaluate.add_argument(
+        "--data",
+        help="task file: .jsonl, .csv or .parquet (not for memorization: it reads the run's canaries)",
+    )
     evaluate.add_argument(
         "--task",
         required=True,
-        choices=["instruction", "chat", "translation", "summarization", "qa", "classification", "perplexity"],
+        choices=[
+            "instruction",
+            "chat",
+            "translation",
+            "summarization",
+            "qa",
+            "classification",
+            "perplexity",
+            "memorization",
+        ],
+    )
+    evaluate.add_argument(
+        "--candidates",
+        type=int,
+        default=2000,
+        help="memorization: random candidates each canary is ranked among",
     )
     evaluate.add_argument("--max-new-tokens", type=int, default=64)
     evaluate.add_argument("--batch-size", type=int, default=16)
@@ -724,6 +900,28 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     prepare = _config_parser("prepare", "tokenize the config's corpus into cached token shards", data_sub)
     prepare.set_defaults(func=cmd_data_prepare)
+    audit = _config_parser(
+        "audit",
+        "report duplicates, PII/secrets, scripts and sizes of a corpus, or the contamination of eval files",
+        data_sub,
+    )
+    audit.add_argument("corpus", nargs="?", help="corpus to audit (a file, directory, glob or builtin:pydoc)")
+    audit.add_argument("--train", help="training corpus to check --eval files against (default: CORPUS)")
+    audit.add_argument(
+        "--eval", nargs="+", metavar="FILE", help="evaluation files (.jsonl/.csv/.parquet/.txt)"
+    )
+    audit.add_argument("--ngram", type=int, default=13, help="contamination: words per n-gram (GPT-3: 13)")
+    audit.add_argument(
+        "--decontaminate", metavar="DIR", help="write each eval file without contaminated examples"
+    )
+    audit.add_argument(
+        "--tokenizer", help="count tokens with this tokenizer.json, its directory or a run directory"
+    )
+    audit.add_argument("--types", help="PII/secret types to look for, comma-separated (default: all)")
+    audit.add_argument("--no-dedup", action="store_true", help="skip the duplicate search")
+    audit.add_argument("--json", action="store_true", help="print JSON instead of the summary")
+    audit.add_argument("--out", help="also write the audit as JSON to this file")
+    audit.set_defaults(func=cmd_data_audit)
 
     generate = sub.add_parser("generate", help="sample text from a trained run", allow_abbrev=False)
     generate.add_argument("run_dir", help="run directory (or one of its checkpoints)")

@@ -7,6 +7,7 @@ are Literal types that equal the registries they name (tests check). Cross-field
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, Literal
@@ -37,6 +38,24 @@ class DataConfig:
     """Tokens per shard file; a corpus larger than this is written as several shards."""
     document_mask: bool = False
     """Block attention across document boundaries (EOS) inside a pretraining window."""
+    dedup: Literal["none", "exact", "near"] = "none"
+    """Drop repeated documents before the train/validation split, keeping the first: exact (same text after NFKC, case folding and whitespace collapsing) or near (exact, then MinHash-LSH shingle similarity >= dedup_threshold)."""
+    dedup_threshold: float = 0.8
+    """Near dedup: estimated Jaccard similarity of two documents' shingle sets, in (0, 1], from which the later one is a copy."""
+    dedup_shingle: Literal["word", "char"] = "word"
+    """Near dedup: shingles are runs of words or of characters (characters suit text without spaces)."""
+    dedup_shingle_size: int = 0
+    """Near dedup: words or characters per shingle; 0 = 5 words or 9 characters."""
+    dedup_num_perm: int = 128
+    """Near dedup: MinHash permutations (more = a more precise similarity estimate, more memory and time)."""
+    scrub: list[Literal["email", "phone", "ip", "credit_card", "iban", "secret"]] = dataclasses.field(
+        default_factory=list
+    )  # dataclasses.field: the name `field` is taken by the field above
+    """PII and secrets to replace by plain-text placeholders such as <|email|> before tokenization (see `lmkiln data audit`)."""
+    canaries: int = 0
+    """Insert this many random secret sequences ("the secret code is 281-94-7731") into the training split to measure memorization (`lmkiln eval RUN --task memorization`)."""
+    canary_repeats: list[int] = dataclasses.field(default_factory=lambda: [1, 10, 100])
+    """How often each canary occurs in the training data, assigned in turn (canary i gets canary_repeats[i % len])."""
 
 
 @dataclass
@@ -488,7 +507,27 @@ def validate(cfg: Config) -> None:
             raise LmkilnError(f"config key '{key}' must be positive, got {attrgetter(key)(cfg)}")
     if not 0 <= cfg.data.val_fraction < 1:
         raise LmkilnError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    _validate_data_quality(cfg.data)
     batch_plan(t)  # one process: the batch must split into micro-batches
+
+
+def _validate_data_quality(data: DataConfig) -> None:
+    if not 0 < data.dedup_threshold <= 1:
+        raise LmkilnError(f"data.dedup_threshold must be in (0, 1], got {data.dedup_threshold}")
+    if not 16 <= data.dedup_num_perm <= 1024:
+        raise LmkilnError(f"data.dedup_num_perm must be between 16 and 1024, got {data.dedup_num_perm}")
+    if data.dedup_shingle_size < 0:
+        raise LmkilnError(
+            f"data.dedup_shingle_size must be 0 (automatic) or positive, got {data.dedup_shingle_size}"
+        )
+    if data.canaries < 0:
+        raise LmkilnError(f"data.canaries must be 0 or positive, got {data.canaries}")
+    if data.canaries and (not data.canary_repeats or min(data.canary_repeats) < 1):
+        raise LmkilnError(f"data.canary_repeats must list positive counts, got {data.canary_repeats}")
+    if data.canaries and data.split == "tail":
+        raise LmkilnError(
+            "data.canaries needs data.split=document: with split=tail a canary could land in the held-out tail"
+        )
 
 
 @dataclass(frozen=True)

@@ -69,8 +69,10 @@ def source_fingerprints(spec: str) -> list[list]:
     return out
 
 
-def iter_documents(spec: str, field: str = "text", text_unit: str = "paragraph") -> Iterator[Document]:
-    """Every non-empty document of a corpus, in a deterministic order."""
+def iter_documents(
+    spec: str, field: str = "text", text_unit: str = "paragraph", keep_empty: bool = False
+) -> Iterator[Document]:
+    """Every non-empty document of a corpus (every one with keep_empty), in a deterministic order."""
     if spec == BUILTIN_PYDOC:
         from pydoc_data import topics
 
@@ -89,7 +91,7 @@ def iter_documents(spec: str, field: str = "text", text_unit: str = "paragraph")
         else:
             reader = _read_text(path, name, text_unit)
         for doc in reader:
-            if doc.text.strip():
+            if keep_empty or doc.text.strip():
                 yield doc
 
 

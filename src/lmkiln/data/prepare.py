@@ -11,7 +11,8 @@ from itertools import chain
 from pathlib import Path
 
 from lmkiln.config import Config, DataConfig, TokenizerConfig
-from lmkiln.data.corpus import iter_documents, source_fingerprints
+from lmkiln.data.cleaning import clean_documents, cleaning_active, cleaning_settings
+from lmkiln.data.corpus import source_fingerprints
 from lmkiln.data.shards import (
     PrepareReport,
     TokenShards,
@@ -39,9 +40,10 @@ class TokenizerReport:
 
 
 def training_texts(data: DataConfig):
-    """Documents the tokenizer learns from: the training split only, so compression is honest."""
+    """Documents the tokenizer learns from: the training split only, so compression is honest;
+    cleaned as the shards are (canaries excepted), so no scrubbed secret reaches the vocabulary."""
     held = validation_split(data.seed, data.val_fraction)
-    for doc in iter_documents(data.corpus, data.field, data.text_unit):
+    for doc in clean_documents(data):
         if data.split != "document" or not held(doc.key):
             yield doc.text
 
@@ -49,11 +51,11 @@ def training_texts(data: DataConfig):
 def held_out_texts(data: DataConfig, max_bytes: int = HELD_OUT_BYTES) -> list[str]:
     """Up to max_bytes of validation documents (or of the corpus tail's documents for split=tail)."""
     texts, size = [], 0
-    docs = iter_documents(data.corpus, data.field, data.text_unit)
+    docs = clean_documents(data)
     held = validation_split(data.seed, data.val_fraction)
     picked = [d for d in docs if data.split == "document" and held(d.key)]
     if not picked:  # tail split, or no validation document: the last documents stand in
-        picked = list(iter_documents(data.corpus, data.field, data.text_unit))[-8:]
+        picked = list(clean_documents(data))[-8:]
     for doc in picked:
         texts.append(doc.text)
         size += len(doc.text.encode("utf-8"))
@@ -73,6 +75,7 @@ def _tokenizer_key(data: DataConfig, tok: TokenizerConfig) -> str:
             "unit": data.text_unit,
             "split": [data.split, data.val_fraction, data.seed],
             "format": 1,
+            **({"cleaning": cleaning_settings(data)} if cleaning_active(data) else {}),
         },
         sort_keys=True,
     )
@@ -106,9 +109,7 @@ def build_tokenizer(cfg: Config) -> TokenizerReport:
 
 def train_tokenizer(cfg: Config) -> Tokenizer:
     data = cfg.data
-    texts = _nonempty(training_texts(data)) or _nonempty(
-        d.text for d in iter_documents(data.corpus, data.field, data.text_unit)
-    )
+    texts = _nonempty(training_texts(data)) or _nonempty(d.text for d in clean_documents(data))
     if texts is None:
         raise LmkilnError(f"corpus {data.corpus} is empty: no document has any text")
     if cfg.tokenizer.kind == "char":

@@ -29,7 +29,15 @@ from pathlib import Path
 import numpy as np
 
 from lmkiln.config import DataConfig
-from lmkiln.data.corpus import Document, iter_documents, source_fingerprints
+from lmkiln.data.canaries import is_canary
+from lmkiln.data.cleaning import (
+    CleaningCounts,
+    cleaning_active,
+    cleaning_settings,
+    shard_canaries,
+    shard_documents,
+)
+from lmkiln.data.corpus import Document, source_fingerprints
 from lmkiln.data.fast_encode import FastPathMismatch, FlatIds
 from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.errors import LmkilnError
@@ -66,6 +74,9 @@ def shard_settings(data: DataConfig) -> dict:
         "val_fraction": data.val_fraction,
         "seed": data.seed,
         "shard_tokens": data.shard_tokens,
+        # only when set, so that shard sets (and the runs that name them) made before stay valid
+        **({"cleaning": cleaning_settings(data)} if cleaning_active(data) else {}),
+        **({"canaries": [data.canaries, data.canary_repeats]} if data.canaries else {}),
     }
 
 
@@ -224,10 +235,10 @@ def _write_documents(
     tokenizer: Tokenizer,
     writers: dict[str, _SplitWriter],
     progress: Callable[[int], None] | None,
+    documents: Iterator[Document],
 ) -> None:
     """Stream, encode (on a worker thread, overlapping the reading) and write every document."""
     limit = tokenizer.vocab_size
-    documents = iter_documents(data.corpus, data.field, data.text_unit)
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
         for batch in chain(_batches(documents), [None]):
@@ -260,6 +271,8 @@ def _route(
     validation = np.zeros(len(batch), dtype=bool)
     if data.split == "document":
         validation = held_out((doc.key for doc in batch), data.seed, data.val_fraction)
+        if data.canaries:  # canaries measure memorization of training data: never validation
+            validation &= ~np.fromiter((is_canary(doc.key) for doc in batch), dtype=bool, count=len(batch))
     in_validation = np.repeat(validation, lengths + 1)  # (tokens + documents,)
     total = utf8_length("".join(doc.text for doc in batch))
     held = utf8_length("".join(batch[i].text for i in np.flatnonzero(validation)))
@@ -378,8 +391,9 @@ def _build(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         writers = {s: _SplitWriter(tmp, s, dtype, data.shard_tokens) for s in SPLITS}
+        counts, canaries = CleaningCounts(), shard_canaries(data)
         try:
-            _write_documents(data, tokenizer, writers, progress)
+            _write_documents(data, tokenizer, writers, progress, shard_documents(data, counts, canaries))
             break
         except FastPathMismatch:
             if attempt:
@@ -411,6 +425,8 @@ def _build(
         "settings": shard_settings(data),
         "split_used": split,
         "splits": {s: w.info() for s, w in writers.items()},
+        **({"cleaning": counts.as_dict()} if cleaning_active(data) else {}),
+        **({"canaries": [c.as_dict() for c in canaries]} if canaries else {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     tokenizer.save(tmp / "tokenizer")  # a shard set carries its tokenizer: it is self-contained

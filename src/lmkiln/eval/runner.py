@@ -9,6 +9,7 @@ template's end-of-turn token) or at max_new_tokens. Metrics by task:
     summarization           rouge1, rouge2, rougeL (rouge-score)
     classification          accuracy, f1_macro (the run's head, or the generated label)
     perplexity              loss, perplexity, bits_per_byte over every text
+    memorization            canary exposure and extraction rates (eval/memorization.py; no data)
 and for generation tasks `eos_rate`: the share of outputs that ended with EOS.
 """
 
@@ -48,7 +49,7 @@ GENERATION_METRICS: dict[str, Callable[[Sequence[str], Sequence[Sequence[str]]],
     "translation": bleu_chrf,
     "summarization": rouge,
 }
-EVAL_TASKS = (*GENERATION_METRICS, "classification", "perplexity")
+EVAL_TASKS = (*GENERATION_METRICS, "classification", "perplexity", "memorization")
 
 
 @dataclass
@@ -229,12 +230,20 @@ def evaluate_run(
     limit: int = 0,
     overrides: list[str] | None = None,
     device: str = "cpu",
+    candidates: int = 2000,
 ) -> EvalResult:
-    """Load a run (LoRA merged), read `data` as the task's format and compute the task's metrics."""
+    """Load a run (LoRA merged), read `data` as the task's format and compute the task's metrics.
+    Memorization needs no data: it reads the run's canaries and shards (`limit` = documents)."""
     if task not in EVAL_TASKS:
         raise LmkilnError(f"unknown task {task!r}; valid: {', '.join(EVAL_TASKS)}")
     if batch_size <= 0 or max_new_tokens <= 0:
         raise LmkilnError("--batch-size and --max-new-tokens must be positive")
+    if task == "memorization":
+        from lmkiln.eval.memorization import evaluate_memorization
+
+        return evaluate_memorization(path, candidates, limit or 200, device)
+    if not data:
+        raise LmkilnError(f"--task {task} needs --data FILE (the task file to evaluate on)")
     _, checkpoint = find_checkpoint(path)
     saved = ckpt.read_checkpoint(checkpoint).trainer["config"]
     cfg = saved_config(saved, f"{checkpoint}/trainer.json")

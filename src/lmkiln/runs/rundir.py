@@ -17,8 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.config import Config, flatten, from_dict, to_dict, to_yaml
+from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.errors import LmkilnError
 from lmkiln.files import write_atomic
 from lmkiln.runs.checkpoint import list_checkpoints

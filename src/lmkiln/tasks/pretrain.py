@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from lmkiln.config import Config, ModelConfig, ResolvedConfig, resolve
+from lmkiln.data.canaries import write_record as write_canary_record
+from lmkiln.data.cleaning import describe_cleaning
 from lmkiln.data.loader import RandomWindows, eval_windows
 from lmkiln.data.prepare import TokenizerReport, prepare_data
 from lmkiln.data.shards import PrepareReport, TokenShards
@@ -102,6 +104,9 @@ class PretrainResult:
                 f"validation loss {start}{after:.3f} (perplexity {fit.last_eval['val_ppl']:.1f}, "
                 f"{fit.last_eval['val_bpb']:.3f} bits/byte); stopped by {fit.stop_reason}"
             )
+        quality = describe_cleaning(self.shards_report.shards.manifest) if self.shards_report else ""
+        if quality:
+            lines.append(f"data quality: {quality}")
         lines.append(
             f"run directory: {self.run_dir} (config.yaml, tokenizer/, checkpoints/, metrics.jsonl, "
             f"plots/loss.png)"
@@ -144,6 +149,8 @@ def _describe(
         f"{splits['val']['tokens']:,}",
         speed,
     )
+    if describe_cleaning(shards.shards.manifest):
+        log.info("data quality: %s", describe_cleaning(shards.shards.manifest))
     m = cfg.model
     flops = training_flops_per_token(m, cfg.train.seq_len)
     log.info(
@@ -223,6 +230,8 @@ def pretrain(
         overwrite=overwrite,
         tokenizer=tokenizer,
     )
+    if runtime.is_main:
+        write_canary_record(run_dir, shards.manifest, shards.directory)
     t = cfg.train
     model = build_transformer(cfg.model, runtime.device, t.seed, t.activation_checkpointing, t.cpu_matmul)
     if initial is not None:
