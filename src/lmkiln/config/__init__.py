@@ -2,10 +2,12 @@
 
 schema.py   the sections, their fields with docstrings, model presets, cross-field rules
 layers.py   defaults → recipe → --config FILE → command line; coercion, errors, YAML, help
+reference.py  the configuration reference of the docs, as Markdown, from the same schema walk
 resolve.py  what a run derives, once: the batch plan and a resolved copy of the config
 """
 
 from lmkiln.config.layers import (
+    FieldInfo,
     Layer,
     all_keys,
     build_config,
@@ -19,6 +21,7 @@ from lmkiln.config.layers import (
     recipe_names,
     recipe_summary,
     recipe_text,
+    section_fields,
     to_dict,
     to_yaml,
     type_name,
@@ -59,6 +62,7 @@ __all__ = [
     "DistConfig",
     "EncoderConfig",
     "FinetuneConfig",
+    "FieldInfo",
     "Layer",
     "LogConfig",
     "LossConfig",
@@ -81,6 +85,7 @@ __all__ = [
     "recipe_names",
     "recipe_summary",
     "recipe_text",
+    "section_fields",
     "to_dict",
     "to_yaml",
     "type_name",
