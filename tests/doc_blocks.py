@@ -1,7 +1,8 @@
 """The code blocks of the documentation, as data: which ones tests/test_docs.py runs and how.
 
 Every ```bash and ```python block in docs/*.md is executed by the test suite, unless an HTML
-comment right above it says why not:
+comment right above it says why not (the blocks of one page run in page order in one scratch
+directory, as a reader would type them, so a later block may use the files of an earlier one):
 
     <!-- doc-test: skip (needs a trained run) -->
 
@@ -83,6 +84,14 @@ def all_blocks() -> list[Block]:
 
 def runnable_blocks() -> list[Block]:
     return [b for b in all_blocks() if b.language in RUN_LANGUAGES and b.marker != "skip"]
+
+
+def runnable_pages() -> dict[str, list[Block]]:
+    """Page name → its runnable blocks, in page order."""
+    pages: dict[str, list[Block]] = {}
+    for block in runnable_blocks():
+        pages.setdefault(block.page.name, []).append(block)
+    return pages
 
 
 def transcript_blocks() -> list[Block]:

@@ -24,6 +24,7 @@ from tests.doc_blocks import (
     all_blocks,
     relative_links,
     runnable_blocks,
+    runnable_pages,
     transcript,
     transcript_blocks,
 )
@@ -55,12 +56,12 @@ def _run(block: Block, code: str, cwd: Path, env: dict[str, str]) -> subprocess.
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("block", runnable_blocks(), ids=lambda b: b.name)
-def test_block_runs(block: Block, tmp_path: Path, shell_env: dict[str, str]) -> None:
-    proc = _run(block, block.text, tmp_path, shell_env)
-    assert proc.returncode == 0, (
-        f"{block.name} failed:\n{block.text}\n--- output ---\n{proc.stdout}{proc.stderr}"
-    )
+@pytest.mark.parametrize("page", sorted(runnable_pages()))
+def test_page_blocks_run(page: str, tmp_path: Path, shell_env: dict[str, str]) -> None:
+    for block in runnable_pages()[page]:
+        proc = _run(block, block.text, tmp_path, shell_env)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"{block.name} failed:\n{block.text}\n--- output ---\n{output}"
 
 
 @pytest.mark.parametrize("block", transcript_blocks(), ids=lambda b: b.name)
