@@ -83,7 +83,7 @@ def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> N
 
 
 def chat(workdir: Path) -> None:
-    """Two greedy turns with the default run on the chat page of `lmkiln serve`."""
+    """Two greedy turns of 40 tokens with the default run on the chat page of `lmkiln serve`."""
     from playwright.sync_api import sync_playwright  # the dev extra; only this picture needs it
 
     run = default_run(workdir)
@@ -96,10 +96,11 @@ def chat(workdir: Path) -> None:
         _wait_healthy(url, server)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 900, "height": 560})
+            page = browser.new_page(viewport={"width": 980, "height": 600})
             page.goto(url + "/")
             page.fill("#temperature", "0")
-            for turn, prompt in enumerate(['The "for" statement', "Classes"], start=1):
+            page.fill("#max-tokens", "40")
+            for turn, prompt in enumerate(['The "for" statement', " is used to"], start=1):
                 page.fill("#input", prompt)
                 page.press("#input", "Enter")
                 page.wait_for_function(
