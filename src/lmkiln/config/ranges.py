@@ -30,9 +30,7 @@ class Range:
             return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
-        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
-            return False
-        return True
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
     def describe(self) -> str:
         if self.high is None:
@@ -156,6 +154,4 @@ def check_ranges(cfg: Any) -> None:
         for item in items:
             if not allowed.holds(item):
                 where = f" (item {item!r})" if item is not value else ""
-                raise LmkilnError(
-                    f"config key '{key}' must be {allowed.describe()}, got {value!r}{where}"
-                )
+                raise LmkilnError(f"config key '{key}' must be {allowed.describe()}, got {value!r}{where}")

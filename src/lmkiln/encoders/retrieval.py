@@ -117,10 +117,10 @@ def write_embeddings(out: str | Path, vectors: torch.Tensor, ids: list, meta: di
     out.parent.mkdir(parents=True, exist_ok=True)
     suffix = out.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from lmkiln.runs.tensors import save_tensors
 
         metadata = {"ids": json.dumps(ids), **{k: json.dumps(v) for k, v in meta.items()}}
-        save_file({"embeddings": vectors.contiguous()}, str(out), metadata=metadata)
+        save_tensors(out, {"embeddings": vectors.contiguous()}, metadata)
         return [str(out)]
     if suffix != ".npy":
         raise LmkilnError(f"--out {out}: write .npy or .safetensors")

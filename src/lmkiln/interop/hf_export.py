@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from lmkiln.data.templates import render_chat
 from lmkiln.data.tokenizer import IM_END, Tokenizer
@@ -31,6 +30,7 @@ from lmkiln.errors import LmkilnError
 from lmkiln.interop.hf_format import ARCHITECTURES, export_model_type, hf_config, to_hf_tensors
 from lmkiln.model.transformer import Transformer, count_parameters
 from lmkiln.runs.load import load_run
+from lmkiln.runs.tensors import save_tensors
 
 log = logging.getLogger("lmkiln")
 
@@ -101,7 +101,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard
     total = sum(_nbytes(t) for t in tensors.values())
     metadata = {"format": "pt"}
     if total <= max_shard_bytes:
-        save_file(tensors, str(out_dir / "model.safetensors"), metadata=metadata)
+        save_tensors(out_dir / "model.safetensors", tensors, metadata)
         return ["model.safetensors"]
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -114,7 +114,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard
     files, weight_map = [], {}
     for index, shard in enumerate(shards, start=1):
         file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / file), metadata=metadata)
+        save_tensors(out_dir / file, shard, metadata)
         files.append(file)
         weight_map.update(dict.fromkeys(shard, file))
     index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
