@@ -203,7 +203,9 @@ def cmd_tokenizer_train(args: argparse.Namespace, extra: list[str]) -> int:
         return 0
     report = build_tokenizer(cfg)
     tokenizer = report.tokenizer
-    out = tokenizer.save(args.out)
+    from lmkiln.files import make_output_dir
+
+    out = tokenizer.save(make_output_dir(args.out))
     how = "from cache" if report.cached else f"trained in {report.seconds:.2f} s"
     print(f"tokenizer: {cfg.tokenizer.kind}, {tokenizer.vocab_size} tokens ({how}) → {out}/tokenizer.json")
     print(
@@ -712,8 +714,9 @@ def cmd_embed(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise LmkilnError(f"unexpected arguments: {_quote(extra)}")
     from lmkiln.encoders.model import load_encoder
-    from lmkiln.encoders.retrieval import embed_texts, write_embeddings
+    from lmkiln.encoders.retrieval import check_embeddings_path, embed_texts, write_embeddings
 
+    check_embeddings_path(args.out)
     texts, ids = _read_texts(args.data, args.field, args.id_field)
     loaded = load_encoder(args.model, pooling=args.pooling)
     max_length = args.max_length or loaded.meta.get("max_length", 128)

@@ -137,15 +137,27 @@ def remove_path(path: Path) -> None:
 
 def make_output_dir(path: str | Path, keep: Callable[[Path], bool] = lambda path: False) -> Path:
     """Create `path` (and missing parents); if the command then fails, remove what was created
-    here, unless `keep(path)` says it now holds something worth keeping (e.g. a checkpoint)."""
+    here (or, for a directory that was empty, what was put in it), unless `keep(path)` says it
+    now holds something worth keeping (e.g. a checkpoint)."""
     path = Path(path)
     created = path
     while not created.parent.exists() and created.parent != created:
         created = created.parent
+    was_empty = path.is_dir() and not any(path.iterdir())
     existed = path.exists()
     path.mkdir(parents=True, exist_ok=True)
-    if not existed:
-        on_failure(lambda: None if keep(path) else remove_path(created))
+
+    def undo() -> None:
+        if keep(path):
+            return
+        if not existed:
+            remove_path(created)
+        elif was_empty:
+            for child in path.iterdir():
+                remove_path(child)
+
+    if not existed or was_empty:
+        on_failure(undo)
     return path
 
 

@@ -148,17 +148,26 @@ class TokenShards:
         info = self.manifest["splits"][split]
         return info["bytes"] / max(info["tokens"], 1)
 
-    def arrays(self, split: str) -> list[np.memmap]:
-        if split not in self._arrays:
-            arrays = []
+    def damaged(self) -> str | None:
+        """Why a shard file does not match the manifest (missing, truncated, grown), or None."""
+        for split in self.manifest["splits"]:
             for entry in self.manifest["splits"][split]["files"]:
                 path = self.directory / Path(entry["name"]).name  # never leave the shard directory
                 expected = entry["tokens"] * self.dtype.itemsize
-                if not path.is_file() or path.stat().st_size != expected:
-                    raise LmkilnError(
-                        f"{path}: shard is missing or truncated (expected {expected} bytes); "
-                        f"delete {self.directory} and prepare again"
-                    )
+                if not path.is_file():
+                    return f"{path}: shard is missing"
+                if path.stat().st_size != expected:
+                    return f"{path}: shard has {path.stat().st_size} bytes, the manifest says {expected}"
+        return None
+
+    def arrays(self, split: str) -> list[np.memmap]:
+        if split not in self._arrays:
+            problem = self.damaged()
+            if problem:
+                raise LmkilnError(f"{problem}; delete {self.directory} and prepare again")
+            arrays = []
+            for entry in self.manifest["splits"][split]["files"]:
+                path = self.directory / Path(entry["name"]).name
                 if entry["tokens"]:
                     arrays.append(np.memmap(path, dtype=self.dtype, mode="r"))
             self._arrays[split] = arrays
@@ -358,7 +367,12 @@ def prepare_shards(
     root = cache_root(data) / "shards"
     final = root / key
     if (final / "manifest.json").is_file():
-        return PrepareReport(TokenShards(final), cached=True, seconds=0.0, megabytes=0.0)
+        cached = TokenShards(final)
+        problem = cached.damaged()
+        if problem is None:
+            return PrepareReport(cached, cached=True, seconds=0.0, megabytes=0.0)
+        log.warning("cached shards are damaged (%s); preparing them again", problem)
+        shutil.rmtree(final, ignore_errors=True)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -27,6 +27,7 @@ import torch
 from lmkiln.data.templates import render_chat
 from lmkiln.data.tokenizer import IM_END, Tokenizer
 from lmkiln.errors import LmkilnError
+from lmkiln.files import make_output_dir
 from lmkiln.interop.hf_format import ARCHITECTURES, export_model_type, hf_config, to_hf_tensors
 from lmkiln.model.transformer import Transformer, count_parameters
 from lmkiln.runs.load import load_run
@@ -83,13 +84,15 @@ def parse_size(text: str) -> int:
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LmkilnError(f"{out_dir} is a file, not a directory; choose a directory to export into")
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
             raise LmkilnError(
                 f"{out_dir} exists and is not empty; pass --overwrite or choose another directory"
             )
         shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir)  # removed again if the export fails (a full disk, ...)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
