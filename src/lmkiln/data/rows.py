@@ -78,11 +78,12 @@ def _csv_rows(path: Path) -> RowFile:
 
 
 def _next_csv_row(reader: Any, path: Path) -> list[str] | None:
+    start = reader.line_num + 1  # where the record begins: an unterminated quote fails at the end
     try:
         return next(reader, None)
     except csv.Error as err:
         raise LmkilnError(
-            f'{path}:{reader.line_num}: not valid CSV ({err}); an opening quote " needs a closing one'
+            f'{path}:{start}: not valid CSV ({err}); an opening quote " needs a closing one'
         ) from None
 
 

@@ -41,7 +41,7 @@ from lmkiln.data.corpus import Document, source_fingerprints
 from lmkiln.data.fast_encode import FastPathMismatch, FlatIds
 from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.errors import LmkilnError
-from lmkiln.files import fsync_dir
+from lmkiln.files import fsync_dir, on_failure, remove_path
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,10 @@ def is_shard_set(path: str) -> bool:
 
 
 def cache_root(data: DataConfig) -> Path:
-    root = data.cache_dir or os.environ.get("LMKILN_CACHE") or "~/.cache/lmkiln"
-    return Path(root).expanduser()
+    root = Path(data.cache_dir or os.environ.get("LMKILN_CACHE") or "~/.cache/lmkiln").expanduser()
+    if not root.exists():  # a command that fails before caching anything leaves no empty cache
+        on_failure(lambda: None if any(p.is_file() for p in root.rglob("*")) else remove_path(root))
+    return root
 
 
 def shard_dtype(vocab_size: int) -> np.dtype:

@@ -55,7 +55,7 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sourc
 
 def _os_error(err: Exception, path: Path) -> OSError:
     """safetensors reports I/O errors as SafetensorError('... Os { code: 28, ... }'); recover errno."""
-    match = re.search(r"code: (\d+)", str(err))
+    match = re.search(r"(?:code: |os error )(\d+)", str(err))
     code = int(match.group(1)) if match else errno.EIO
     return OSError(code, os.strerror(code), str(path))
 
