@@ -15,6 +15,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -326,3 +327,72 @@ def test_every_numeric_config_key_declares_a_range():
 
 def test_matrix_is_at_least_100_cases():
     assert len(CASES) + len(RANGE_CASES) >= 100
+
+
+# --------------------------------------------------------------------------------------------
+# Faults that need more than one command line
+
+
+def test_disk_full_during_a_checkpoint_save_says_so_and_keeps_the_previous_one(world, tmp_path, capsys):
+    """A real ENOSPC inside safetensors' writer: one line, no step_N.tmp, the earlier checkpoint
+    intact and the run directory kept (it holds a checkpoint to resume from)."""
+    disk = tmp_path / "disk"
+    if not _mount(disk, "size=2m"):  # the first checkpoint (1.5 MB) fits, the second does not
+        pytest.skip("mounting a small tmpfs is not permitted here (needs root)")
+    try:
+        tiny = TINY.format(w=world["w"]).replace("train.save_every=4", "train.save_every=2")
+        code = main(["train", *tiny.split(), f"train.run_dir={disk}/run", "train.keep_last=5"])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert "Traceback" not in err
+        assert "saving checkpoint" in err and "step_000004 failed (No space left on device)" in err, err
+        root = disk / "run" / "checkpoints"
+        assert sorted(p.name for p in root.iterdir()) == ["step_000002"]
+        from lmkiln.runs.checkpoint import verify_checkpoint
+
+        verify_checkpoint(root / "step_000002")
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_a_truncated_cached_shard_is_prepared_again_not_reported_cached(world, tmp_path, capsys):
+    args = ["data", "prepare", *TINY.format(w=world["w"]).split(), f"data.cache_dir={tmp_path}"]
+    assert main(args) == 0
+    assert main(args) == 0
+    assert "uint16, cached)" in capsys.readouterr().out
+    shard = next((tmp_path / "shards").glob("*/train_*.bin"))
+    shard.write_bytes(shard.read_bytes()[:10])
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "uint16, cached)" not in captured.out and "MB/s" in captured.out, captured.out
+    assert "damaged" in captured.err
+    assert shard.stat().st_size > 10
+
+
+def test_a_refused_resume_leaves_config_yaml_as_it_was(world, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(world["w"] / "run", run)
+    saved = (run / "config.yaml").read_text()
+    tiny = TINY.format(w=world["w"]).split()
+    code = main(["train", *tiny, f"train.run_dir={run}", "model.n_layer=3", "--resume", "auto"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert (run / "config.yaml").read_text() == saved
+
+
+def test_a_closed_pipe_is_quiet(tmp_path):
+    from conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        f"{shlex.quote(sys.executable)} -m lmkiln recipes | head -c 1",
+        shell=True,
+        capture_output=True,
+        env=env,
+    )
+    assert done.stdout and done.stderr == b"", done.stderr
+
+
+def test_debug_shows_the_traceback(world, capsys):
+    with pytest.raises(Exception, match="optim.lr"):
+        main(["--debug", "train", "optim.lr=-1"])
