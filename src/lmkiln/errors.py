@@ -29,7 +29,7 @@ class Interrupted(Exception):
 _OS_ERROR_ADVICE = {
     errno.ENOSPC: "free some space or write somewhere else",
     errno.EDQUOT: "free some space or write somewhere else",
-    errno.EROFS: "the file system is read-only; write somewhere else",
+    errno.EROFS: "write somewhere else",
     errno.EACCES: "you lack permission; choose a path you can write (or read)",
     errno.EPERM: "you lack permission; choose a path you can write (or read)",
     errno.ENOENT: "check the path",
