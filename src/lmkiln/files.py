@@ -116,7 +116,9 @@ def cleanup_on_failure() -> Iterator[None]:
     _undo_stack.append([])
     try:
         yield
-    except BaseException:
+    except BaseException as err:
+        if isinstance(err, SystemExit) and err.code in (0, None):
+            raise  # a successful early exit, not a failure
         for undo in reversed(_undo_stack[-1]):
             with suppress(OSError):  # best effort: the original error is what the user needs to see
                 undo()

@@ -157,9 +157,12 @@ class TokenShards:
                 path = self.directory / Path(entry["name"]).name  # never leave the shard directory
                 expected = entry["tokens"] * self.dtype.itemsize
                 if not path.is_file():
-                    return f"{path}: shard is missing"
+                    return f"{path}: shard is missing or truncated (no such file)"
                 if path.stat().st_size != expected:
-                    return f"{path}: shard has {path.stat().st_size} bytes, the manifest says {expected}"
+                    return (
+                        f"{path}: shard is missing or truncated ({path.stat().st_size} bytes, the "
+                        f"manifest says {expected})"
+                    )
         return None
 
     def arrays(self, split: str) -> list[np.memmap]:
