@@ -317,6 +317,20 @@ def test_every_subcommand_has_a_case():
     assert not missing, f"subcommands without a bad-input case: {missing}"
 
 
+def test_every_numeric_flag_declares_a_range():
+    """A flag with plain type=int/float accepts -1 or nan silently: use cli._number(kind, low, high)."""
+
+    def flags(p, prefix="lmkiln"):
+        for action in p._actions:
+            if isinstance(action.choices, dict):
+                for name, child in action.choices.items():
+                    yield from flags(child, f"{prefix} {name}")
+            elif action.type in (int, float):
+                yield f"{prefix} {action.option_strings}"
+
+    assert list(flags(build_parser())) == []
+
+
 def test_every_numeric_config_key_declares_a_range():
     """Add a FIELD_RANGES row (lmkiln/config/ranges.py) when you add an int or float key."""
     numeric = [k for k, hint in all_keys().items() if "int" in str(hint) or "float" in str(hint)]
