@@ -16,6 +16,14 @@ from pathlib import Path
 from typing import Any
 
 
+def naming(err: OSError, path: str | Path) -> OSError:
+    """`err` with `path` as its file name when it has none (a failed write() names no file), so
+    the one-line message can say where the disk was full."""
+    if err.filename is not None:
+        return err
+    return type(err)(err.errno, err.strerror or str(err), str(path))
+
+
 def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -52,6 +60,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         fsync_file(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise naming(err, path) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -74,9 +85,9 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
-    except OSError:
+    except OSError as err:
         if not path.is_dir():
-            raise
+            raise naming(err, path) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     fsync_dir(path.parent)

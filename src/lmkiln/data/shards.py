@@ -41,7 +41,7 @@ from lmkiln.data.corpus import Document, source_fingerprints
 from lmkiln.data.fast_encode import FastPathMismatch, FlatIds
 from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.errors import LmkilnError
-from lmkiln.files import fsync_dir, on_failure, remove_path
+from lmkiln.files import fsync_dir, naming, on_failure, remove_path
 
 log = logging.getLogger(__name__)
 
@@ -389,6 +389,9 @@ def prepare_shards(
     start = time.perf_counter()
     try:
         manifest = _build(data, tokenizer, tmp, sources, progress)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise naming(err, final) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
