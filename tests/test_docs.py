@@ -101,7 +101,8 @@ def test_config_reference_is_the_schema() -> None:
     for key in all_keys(Config):
         assert f"| `{key}` |" in text, key
     assert field_docs(type(Config().optim))["lr"] in text
-    assert "| `train.max_steps` | int |" in text
+    assert "| `train.max_steps` | int" in text
+    assert "| `data.shard_tokens` | int, >= 1000 |" in text  # the declared range (config/ranges.py)
 
 
 @pytest.mark.slow

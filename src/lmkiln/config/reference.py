@@ -8,12 +8,19 @@ source of truth (the dataclasses in schema.py), never a copy kept by hand.
 from __future__ import annotations
 
 from lmkiln.config.layers import all_keys, field_docs, section_fields, type_name
+from lmkiln.config.ranges import FIELD_RANGES
 from lmkiln.config.schema import DERIVED_SECTIONS, MODEL_PRESETS, TASK_SECTIONS, Config
 
 
 def _cell(text: str) -> str:
     # A table cell is one line; a bare | would end it.
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _type(key: str, hint: object) -> str:
+    """The field's type, and its declared range when it has one (checked before a run starts)."""
+    allowed = FIELD_RANGES.get(key)
+    return _cell(type_name(hint) + (f", {allowed.describe()}" if allowed else ""))
 
 
 def _readers(section: str) -> str:
@@ -26,14 +33,14 @@ def _readers(section: str) -> str:
 
 
 def markdown(config_cls: type = Config) -> str:
-    """Every section and key as Markdown tables: key, type, default, what it does."""
+    """Every section and key as Markdown tables: key, type (and range), default, what it does."""
     defaults, docs = config_cls(), field_docs(config_cls)
     lines = ["## Top level", "", "Keys outside any section, set like the others (`task=finetune`).", ""]
     lines += ["| key | type | default | what it does |", "|---|---|---|---|"]
     for key, hint in all_keys(config_cls).items():
         if "." not in key:
             default = _cell(repr(getattr(defaults, key)))
-            lines.append(f"| `{key}` | {_cell(type_name(hint))} | `{default}` | {_cell(docs.get(key, ''))} |")
+            lines.append(f"| `{key}` | {_type(key, hint)} | `{default}` | {_cell(docs.get(key, ''))} |")
     lines.append("")
     for section, fields in section_fields(config_cls).items():
         lines += [
@@ -45,9 +52,7 @@ def markdown(config_cls: type = Config) -> str:
         lines += ["| key | type | default | what it does |", "|---|---|---|---|"]
         for info in fields:
             default = _cell(repr(info.default))
-            lines.append(
-                f"| `{info.key}` | {_cell(type_name(info.hint))} | `{default}` | {_cell(info.doc)} |"
-            )
+            lines.append(f"| `{info.key}` | {_type(info.key, info.hint)} | `{default}` | {_cell(info.doc)} |")
         lines.append("")
     lines += [
         "## Model presets",
