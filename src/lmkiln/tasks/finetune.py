@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmkiln.config.resolve import METHOD_NAMES
 from lmkiln.config import Config, FinetuneConfig, ModelConfig, ResolvedConfig, resolve, to_dict, to_yaml
+from lmkiln.config.resolve import METHOD_NAMES
 from lmkiln.data import task_examples as ex
 from lmkiln.data.formats import Record
 from lmkiln.data.loader import epoch_stream
