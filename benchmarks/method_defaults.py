@@ -11,7 +11,7 @@ metric and the share of generations that stop at EOS.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/method_defaults.py [--quick] [--out FILE]
 
---quick is the budget of tests/test_method_matrix.py; the default is a real one (2,000 rows,
+--quick is the budget of tests/test_method_matrix.py; the default is a real one (1,000 rows,
 3 epochs, the recipes' batch size, a wider base). The matrix test imports the builders below.
 """
 
@@ -49,7 +49,7 @@ QUICK = Budget(
     width=64, pretrain_steps=300, train_rows=240, val_rows=32, epochs=3, batch_size=8, eval_samples=16
 )
 REAL = Budget(
-    width=128, pretrain_steps=800, train_rows=2000, val_rows=200, epochs=3, batch_size=16, eval_samples=64
+    width=96, pretrain_steps=600, train_rows=1000, val_rows=100, epochs=3, batch_size=16, eval_samples=32
 )
 
 
@@ -136,7 +136,7 @@ def finetune_combo(
     result = finetune(cfg, overwrite=True)
     before, after = result.fit.first_eval["val_loss"], result.fit.last_eval["val_loss"]
     figures = {
-        "lr": result.cfg.optim.lr,
+        "lr": float(f"{result.cfg.optim.lr:.4g}"),
         "warmup_steps": result.cfg.schedule.warmup_steps,
         "steps": result.fit.state.step,
         "val_loss_before": round(before, 4),
@@ -144,6 +144,7 @@ def finetune_combo(
         "val_loss_drop": round((before - after) / before, 4),
         "seconds": round(time.perf_counter() - started, 1),
         "stalled": _stalled(result.run_dir),
+        "notes": list(result.notes),
     }
     if fmt in METRIC:
         figures[METRIC[fmt]] = round(result.fit.last_eval[METRIC[fmt]], 4)
