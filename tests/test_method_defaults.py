@@ -108,6 +108,8 @@ def test_stall_watch_is_quiet_when_the_loss_dropped_enough():
     watch.check(0, {"val_loss": 5.0})
     assert watch.check(5, {"val_loss": 4.4}) is None  # 12% lower
     assert watch.check(10, {"val_loss": 5.0}) is None  # checked once, at the first eval after half
+    resumed = StallWatch(total_steps=10, hint="")
+    assert resumed.check(4, {"val_loss": 2.0}) is None and resumed.check(6, {"val_loss": 2.0}) is None
 
 
 def test_a_stalled_finetune_run_warns_and_logs_the_event(tmp_path, caplog):

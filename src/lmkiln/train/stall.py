@@ -34,7 +34,9 @@ class StallWatch:
         if value is None or not math.isfinite(value) or self.checked:
             return None
         if self.first is None:
-            self.first = value  # the untrained model's (step 0) or, when resumed, the first seen
+            # The untrained model's loss is the reference; a resumed run has none (comparing with a
+            # mid-run value would call a normal late plateau a stall), so it is not watched.
+            self.first, self.checked = value, step > 0
             return None
         if step < self.total_steps * STALL_SHARE:
             return None
