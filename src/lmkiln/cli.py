@@ -477,10 +477,11 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
     flags = ["task=finetune"]
-    for key in ("base", "data", "format", "method"):
+    for key in ("base", "data", "format", "method", "objective"):
         if getattr(args, key):
             flags.append(f"finetune.{key}={getattr(args, key)}")
-    cfg = _load(args, [*extra, *flags], default_recipe=f"sft-{args.format or 'instruction'}")
+    recipe = "preference" if args.format == "preference" else f"sft-{args.format or 'instruction'}"
+    cfg = _load(args, [*extra, *flags], default_recipe=recipe)
     _run_task(cfg, args)
     return 0
 
@@ -831,16 +832,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     finetune = _config_parser(
-        "finetune", "fine-tune a trained model on a task file (default recipe: sft-FORMAT)", sub
+        "finetune",
+        "fine-tune a trained model on a task file (default recipe: sft-FORMAT, or preference)",
+        sub,
     )
     finetune.add_argument("--base", help="the model to fine-tune: an lmkiln run directory (finetune.base)")
     finetune.add_argument("--data", help="training examples: .jsonl, .csv or .parquet (finetune.data)")
     finetune.add_argument(
         "--format",
-        choices=["instruction", "chat", "translation", "summarization", "qa", "classification"],
-        help="task format of the rows (default instruction)",
+        choices=["instruction", "chat", "translation", "summarization", "qa", "classification", "preference"],
+        help="task format of the rows (default instruction; preference: prompt, chosen, rejected)",
     )
     finetune.add_argument("--method", choices=["full", "freeze", "lora"], help="what to train (default full)")
+    finetune.add_argument(
+        "--objective",
+        choices=["sft", "dpo", "orpo"],
+        help="what is minimised (finetune.objective): sft, or dpo/orpo for --format preference",
+    )
     finetune.add_argument(
         "--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint"
     )

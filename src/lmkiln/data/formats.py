@@ -9,6 +9,7 @@ fields (renamed with `finetune.fields`, e.g. `output=completion`):
     summarization   document, summary
     qa              [context], question, answer (a string or a list of accepted answers)
     classification  text, label
+    preference      prompt, chosen, rejected   (DPO/ORPO: two replies to one prompt, the first preferred)
 
 Every problem names the file and line (`data.jsonl:12: missing field 'output'`).
 """
@@ -69,7 +70,11 @@ FORMATS: dict[str, FormatSpec] = {
         "### Answer:\n",
     ),
     "classification": FormatSpec(("text",), (), "label", "text", "### Text:\n{{ text }}\n\n### Label:\n"),
+    # The prompt is used as written (finetune.prompt may wrap it); both replies follow it.
+    "preference": FormatSpec(("prompt",), (), "chosen", "prompt", "{{ prompt }}"),
 }
+REJECTED = "rejected"
+"""The second target field of the preference format (the dispreferred reply)."""
 
 CHAT_KEYS = ("role", "content")  # keys inside each message, renamable like fields
 
@@ -92,6 +97,8 @@ def field_names(cfg: FinetuneConfig) -> dict[str, str]:
     """canonical → actual column names, from `finetune.fields` (canonical=actual pairs)."""
     spec = FORMATS[cfg.format]
     known = {*spec.required, *spec.optional, spec.target, *(CHAT_KEYS if cfg.format == "chat" else ())}
+    if cfg.format == "preference":
+        known.add(REJECTED)
     names = {name: name for name in known}
     for pair in cfg.fields:
         canonical, eq, actual = pair.partition("=")
@@ -178,6 +185,8 @@ def to_record(location: str, row: dict[str, Any], cfg: FinetuneConfig, names: di
             f"{'label' if cfg.format == 'classification' else 'target text'}"
         )
     targets = _targets(raw_target, location, target_name)
+    if cfg.format == "preference":
+        targets = [targets[0], _rejected(row, names, location, targets[0])]
     if cfg.format == "classification" and cfg.labels and targets[0] not in cfg.labels:
         raise LmkilnError(
             f"{location}: label {targets[0]!r} is not in the declared label set "
@@ -195,6 +204,20 @@ def _targets(value: Any, location: str, name: str) -> list[str]:
             raise LmkilnError(f"{location}: empty target {name!r}: every accepted answer must be non-empty")
         return texts
     return [_text(value, location, name)]
+
+
+def _rejected(row: dict[str, Any], names: dict[str, str], location: str, chosen: str) -> str:
+    """The dispreferred reply: present, non-empty and different from the chosen one."""
+    raw = _get(row, REJECTED, names, location, True)
+    if isinstance(raw, str) and not raw.strip():
+        raise _missing(row, REJECTED, names, location)
+    rejected = _text(raw, location, names[REJECTED])
+    if rejected.strip() == chosen.strip():
+        raise LmkilnError(
+            f"{location}: {names['chosen']!r} and {names[REJECTED]!r} are identical; a preference pair needs "
+            f"two different replies (drop the row)"
+        )
+    return rejected
 
 
 def _languages(values: dict[str, str], cfg: FinetuneConfig, location: str) -> None:

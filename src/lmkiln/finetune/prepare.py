@@ -31,6 +31,18 @@ def check_finetune_config(cfg: Config) -> None:
         raise LmkilnError("fine-tuning needs training data: --data FILE (finetune.data)")
     if ft.packing and ft.format == "classification":
         raise LmkilnError("finetune.packing applies to generative formats, not classification")
+    preference = ft.format == "preference"
+    if preference and ft.objective == "sft":
+        raise LmkilnError("finetune.format=preference trains with objective dpo or orpo (--objective dpo)")
+    if ft.objective != "sft" and not preference:
+        raise LmkilnError(
+            f"finetune.objective={ft.objective} needs preference pairs: format=preference "
+            f"(rows of prompt, chosen, rejected)"
+        )
+    if ft.packing and preference:
+        raise LmkilnError(
+            "finetune.packing does not apply to preference pairs (each pair is one padded batch)"
+        )
     if ft.max_length < 0 or ft.eval_samples < 0 or ft.max_new_tokens <= 0:
         raise LmkilnError("finetune.max_length and finetune.eval_samples must be ≥ 0, max_new_tokens > 0")
 

@@ -26,11 +26,13 @@ from lmkiln.config import Config, FinetuneConfig, ModelConfig, ResolvedConfig, r
 from lmkiln.data import task_examples as ex
 from lmkiln.data.formats import Record
 from lmkiln.data.loader import epoch_stream
+from lmkiln.data.preference import PreferencePair, encode_pairs, preference_collate
 from lmkiln.data.templates import chat_template_of
 from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.errors import LmkilnError
 from lmkiln.files import write_json_atomic
 from lmkiln.finetune.methods import MethodSetup, apply_method, exclude_from_weight_decay, save_adapter
+from lmkiln.finetune.preference import precompute_reference, preference_loss, reference_kind
 from lmkiln.finetune.prepare import (
     build_finetune_model,
     check_finetune_config,
@@ -50,6 +52,7 @@ from lmkiln.train.evaluate import classification_evaluator, lm_evaluator
 from lmkiln.train.loop import FitResult, TrainLoop, TrainSetup
 from lmkiln.train.objectives import ClassificationLoss, LanguageModelLoss
 from lmkiln.train.optim import build_optimizer
+from lmkiln.train.preference import preference_evaluator
 from lmkiln.train.runtime import Runtime
 from lmkiln.train.state import TrainState
 
@@ -124,7 +127,8 @@ class FinetuneResult:
         ft, state = self.cfg.finetune, self.fit.state
         share = self.method.trainable / max(self.method.total, 1)
         lines = [
-            f"fine-tuned {ft.format} ({ft.method}): {format_count(self.method.trainable)} trainable of "
+            f"fine-tuned {ft.format} ({ft.method}{'' if ft.objective == 'sft' else ', ' + ft.objective}): "
+            f"{format_count(self.method.trainable)} trainable of "
             f"{format_count(self.method.total)} parameters ({share:.2%}); {state.step} steps, "
             f"{state.epoch} epoch{'' if state.epoch == 1 else 's'} in {format_duration(state.train_seconds)}",
             *(r.describe(split, self.cfg.train.seq_len, ft.overlong) for split, r in self.lengths.items()),
@@ -147,7 +151,10 @@ class FinetuneResult:
         )
         data = ft.val_data or ft.data
         task = "classification" if ft.format == "classification" else ft.format
-        lines.append(f"next:\n  lmkiln eval {self.run_dir} --data {data} --task {task}   # task metrics")
+        if ft.format == "preference":
+            lines.append(f"next:\n  lmkiln generate {self.run_dir} --prompt '...'   # replies after tuning")
+        else:
+            lines.append(f"next:\n  lmkiln eval {self.run_dir} --data {data} --task {task}   # task metrics")
         return "\n".join(lines)
 
 
@@ -159,8 +166,8 @@ class FinetuneResult:
 class TaskData:
     """The encoded examples of a run and how its training set is cut into rows."""
 
-    train: list[ex.TokenExample]
-    val: list[ex.TokenExample]
+    train: list[ex.TokenExample] | list[PreferencePair]
+    val: list[ex.TokenExample] | list[PreferencePair]
     lengths: dict[str, ex.LengthReport]
     packed_rows: list | None = None
     """The packing plan (examples per row) with finetune.packing, else None."""
@@ -182,8 +189,12 @@ def encode_examples(
     ft = cfg.finetune
     chat = chat_template_of(tokenizer) if ft.format == "chat" else None
     encoder = ex.ExampleEncoder(tokenizer, ft, max_length, chat, labels)
-    train_examples, train_report = encoder.encode_all(train, "train")
-    val_examples, val_report = encoder.encode_all(val, "validation")
+    if ft.format == "preference":
+        train_examples, train_report = encode_pairs(encoder, train, "train")
+        val_examples, val_report = encode_pairs(encoder, val, "validation")
+    else:
+        train_examples, train_report = encoder.encode_all(train, "train")
+        val_examples, val_report = encoder.encode_all(val, "validation")
     if not train_examples:
         raise LmkilnError(
             f"every training example is longer than finetune.max_length={max_length} tokens "
@@ -250,7 +261,8 @@ def finetune(
     fresh = not resume or ckpt.latest_checkpoint(run_dir / "checkpoints") is None
     # Generation runs on the main process alone, which a sharded (FSDP) model cannot do.
     sharded = runtime.distributed and cfg.dist.strategy == "fsdp"
-    checking = runtime.is_main and ft.eval_samples > 0 and ft.format != "classification" and val_records
+    generative = ft.format not in ("classification", "preference")  # those have no task metric
+    checking = runtime.is_main and ft.eval_samples > 0 and generative and val_records
     checking = checking and not sharded
     if checking and fresh:
         check["before"] = generation_check(model, tokenizer, val_records, ft)
@@ -289,7 +301,9 @@ def _train_setup(
     ft, tcfg, micro = cfg.finetune, cfg.train, run.batch.micro_batch_size
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     evaluate = None
-    if ft.format == "classification":
+    if ft.format == "preference":
+        collate, objective, evaluate = _preference_data(ft, model, data, method, micro, pad, runtime.device)
+    elif ft.format == "classification":
         collate, objective = ex.classification_collate(data.train, pad), ClassificationLoss()
         if data.val:
             val = eval_batches(data.val, micro, ex.classification_collate(data.val, pad))
@@ -312,6 +326,11 @@ def _train_setup(
         "train.micro_batch_size": micro,
         "world_size": runtime.world_size,
         **{f"finetune.{k}": getattr(ft, k) for k in ("format", "method", "packing", "max_length", "lora_r")},
+        **(
+            {f"finetune.{k}": getattr(ft, k) for k in ("objective", "beta", "reference")}
+            if ft.objective != "sft"
+            else {}
+        ),
     }
     train_model = parallelize(model, cfg, runtime)  # before the optimizer: FSDP2 shards parameters
     optimizer = build_optimizer(model, cfg.optim)
@@ -328,6 +347,25 @@ def _train_setup(
         tokens_in=ex.real_tokens,
         epoch_of=lambda: batches.epoch,
     )
+
+
+def _preference_data(
+    ft: FinetuneConfig, model: nn.Module, data: TaskData, method: MethodSetup, micro: int, pad: int, device
+):
+    """(collate, objective, evaluator) of a DPO/ORPO run. A precomputed reference is scored here by
+    the untrained model — on resume too: the base is loaded again, the checkpoint only later."""
+    objective = preference_loss(ft, method.peft_model)
+    train_ref = val_ref = None
+    if reference_kind(ft) == "precomputed":
+        train_ref = precompute_reference(model, data.train, micro, pad, device)
+        val_ref = precompute_reference(model, data.val, micro, pad, device) if data.val else None
+    collate = preference_collate(data.train, pad, train_ref)
+    evaluate = None
+    if data.val:
+        evaluate = preference_evaluator(
+            eval_batches(data.val, micro, preference_collate(data.val, pad, val_ref)), objective
+        )
+    return collate, objective, evaluate
 
 
 def _file_identity(path: str) -> str:
