@@ -188,6 +188,30 @@ class LmkilnLM(TemplateLM):
         return texts
 
 
+def _knows(manager, task: str) -> bool:
+    return task in manager.all_subtasks or task in manager.all_groups or task in manager.all_tags
+
+
+def task_manager(tasks: Sequence[str], include: str | Path | None = None):
+    """lm-eval's TaskManager for `tasks`. Indexing lm-eval's registry of ~15,000 task YAMLs takes
+    seconds, so local tasks are looked up in `include` alone first; an unknown name is an
+    LmkilnError that suggests close matches."""
+    from lm_eval.tasks import TaskManager
+
+    if include:
+        local = TaskManager(include_path=str(include), include_defaults=False)
+        if all(_knows(local, task) for task in tasks):
+            return local
+    manager = TaskManager(include_path=str(include) if include else None)
+    for task in tasks:
+        if not _knows(manager, task):
+            matches = difflib.get_close_matches(task, manager.all_tasks, n=3)
+            hint = f" (did you mean {', '.join(matches)}?)" if matches else ""
+            where = f" or in {include}" if include else "; a local task YAML needs --include DIR"
+            raise LmkilnError(f"unknown harness task {task!r}: not in lm-eval's registry{where}{hint}")
+    return manager
+
+
 def run_harness(
     run_dir: str | Path,
     tasks: Sequence[str],
@@ -205,19 +229,8 @@ def run_harness(
     is an LmkilnError listing close matches.
     """
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(include) if include else None)
-    for task in tasks:
-        if (
-            task not in manager.all_subtasks
-            and task not in manager.all_groups
-            and task not in manager.all_tags
-        ):
-            matches = difflib.get_close_matches(task, manager.all_tasks, n=3)
-            hint = f" (did you mean {', '.join(matches)}?)" if matches else ""
-            where = f" or in {include}" if include else "; a local task YAML needs --include DIR"
-            raise LmkilnError(f"unknown harness task {task!r}: not in lm-eval's registry{where}{hint}")
+    manager = task_manager(tasks, include)
     lm = LmkilnLM(
         None if model is not None else str(run_dir),
         model=model,
