@@ -220,3 +220,50 @@ def test_record_of_a_pair_keeps_both_replies(tmp_path):
     cfg = FinetuneConfig(format="preference", objective="orpo", fields=["prompt=question"])
     path = write_jsonl(tmp_path / "p.jsonl", [{"question": "q", "chosen": "a", "rejected": "b"}])
     assert read_records(path, cfg) == [Record(f"{path}:1", {"prompt": "q"}, ["a", "b"])]
+
+
+@pytest.mark.parametrize(
+    "method",
+    [("finetune.objective=dpo",), ("finetune.objective=dpo", "finetune.method=lora", "finetune.lora_r=4")],
+)
+def test_preference_runs_resume_exactly(tmp_path, method):
+    """Killed inside step 5 (checkpoint at 3) and resumed: the weights equal an unbroken run's,
+    with the reference precomputed again (full) or taken from disabled adapters (LoRA)."""
+    from lmkiln.tasks.finetune import finetune
+    from tests.finetune_helpers import ft_config
+    from tests.test_finetune_methods import weights_hash
+
+    base = make_base(tmp_path / "base")
+    rows = [
+        {"prompt": synthetic.prompt(w), "chosen": synthetic.chosen(w), "rejected": synthetic.rejected(w)}
+        for w in synthetic.word_lists(40, 5)
+    ]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    overrides = (
+        "finetune.format=preference",
+        "train.monitor=val_accuracy",
+        "train.monitor_mode=max",
+        *method,
+    )
+    done = finetune(ft_config(base, data, tmp_path / "a", *overrides))
+    calls = {"n": 0}
+    original = PreferenceLoss.__call__
+
+    def crash(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the evaluations call pair_terms, not the objective
+            raise RuntimeError("simulated crash")
+        return original(self, model, batch)
+
+    PreferenceLoss.__call__ = crash
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            finetune(ft_config(base, data, tmp_path / "b", *overrides))
+    finally:
+        PreferenceLoss.__call__ = original
+    resumed = finetune(ft_config(base, data, tmp_path / "b", *overrides), resume="auto")
+    events = [e for e in _records(tmp_path / "b") if e["event"] == "resume"]
+    assert [e["step"] for e in events] == [3]
+    assert resumed.fit.state.step == done.fit.state.step == 6
+    assert weights_hash(resumed.model) == weights_hash(done.model)
+    assert resumed.fit.last_eval == done.fit.last_eval
