@@ -206,6 +206,11 @@ def test_dpo_raises_heldout_preference_accuracy_and_the_chosen_style(tmp_path):
     assert last["val_loss"] < first["val_loss"] - 0.2  # from log 2 = 0.693
     after = synthetic.chosen_style_rate(result.model, result.tokenizer, heldout)
     assert after >= 0.85 and after >= before + 0.2, (before, after)
+    from lmkiln.eval.runner import evaluate_run  # the same pairs through `lmkiln eval --task preference`
+
+    scored = evaluate_run(result.run_dir, str(heldout), "preference")
+    assert scored.examples == 40 and scored.metrics["accuracy"] >= 0.9
+    assert scored.metrics["logps_chosen"] > scored.metrics["logps_rejected"]
     logged = [r for r in _records(result.run_dir) if r.get("event") == "train"]
     assert {"reward_margin", "reward_accuracy", "logps_chosen", "logps_rejected"} <= set(logged[-1])
 

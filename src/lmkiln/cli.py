@@ -922,6 +922,7 @@ def build_parser() -> argparse.ArgumentParser:
             "summarization",
             "qa",
             "classification",
+            "preference",
             "perplexity",
             "memorization",
         ],

@@ -151,10 +151,7 @@ class FinetuneResult:
         )
         data = ft.val_data or ft.data
         task = "classification" if ft.format == "classification" else ft.format
-        if ft.format == "preference":
-            lines.append(f"next:\n  lmkiln generate {self.run_dir} --prompt '...'   # replies after tuning")
-        else:
-            lines.append(f"next:\n  lmkiln eval {self.run_dir} --data {data} --task {task}   # task metrics")
+        lines.append(f"next:\n  lmkiln eval {self.run_dir} --data {data} --task {task}   # task metrics")
         return "\n".join(lines)
 
 
