@@ -63,9 +63,11 @@ def _local_tasks(directory: Path) -> Path:
     """The shipped task YAMLs with their data file made absolute (lm-eval reads data_files
     relative to the working directory)."""
     directory.mkdir()
-    data = TASKS / "partners.jsonl"
+    data = TASKS / "echo.jsonl"
     for task in TASKS.glob("*.yaml"):
-        text = task.read_text(encoding="utf-8").replace("test: partners.jsonl", f"test: {data}")
+        text = task.read_text(encoding="utf-8").replace(
+            "test: tests/data/harness/echo.jsonl", f"test: {data}"
+        )
         (directory / task.name).write_text(text, encoding="utf-8")
     return directory
 
@@ -76,16 +78,18 @@ def test_eval_harness_runs_local_multiple_choice_and_generation_tasks(run_and_ex
     base, _ = run_and_export
     tasks = _local_tasks(tmp_path / "tasks")
     out = tmp_path / "harness.json"
-    args = ["eval", str(base), "--harness", "partner_choice,partner_generate", "--include", str(tasks)]
+    args = ["eval", str(base), "--harness", "echo_choice,echo_generate", "--include", str(tasks)]
     assert main([*args, "--out", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
-    assert 0.0 <= results["partner_choice"]["acc,none"] <= 1.0
-    assert "exact_match,none" in results["partner_generate"]
-    assert "partner_choice" in capsys.readouterr().out  # lm-eval's table
+    assert 0.0 <= results["echo_choice"]["acc,none"] <= 1.0
+    assert "exact_match,none" in results["echo_generate"]
+    assert "echo_choice" in capsys.readouterr().out  # lm-eval's table
 
-    code = main(["eval", str(base), "--harness", "partner_choise", "--include", str(tasks)])
+    code = main(["eval", str(base), "--harness", "echo_choise", "--include", str(tasks)])
     assert code == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        "error: unknown harness task 'partner_choise': not in lm-eval's registry or in "
-        f"{tasks} (did you mean partner_choice, partner_generate?)"
-    ]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(
+        f"error: unknown harness task 'echo_choise': not in lm-eval's registry or in {tasks} "
+        "(did you mean echo_choice"
+    )

@@ -273,6 +273,10 @@ def evaluate_run(
         metrics = perplexity(loaded.model, loaded.tokenizer, texts)
         return EvalResult(task, len(texts), metrics, seconds=time.perf_counter() - started)
     ft = replace(cfg.finetune, format=task)
+    if task == "preference" and saved.get("finetune", {}).get("format") != task:
+        # Another format's prompt template (e.g. an SFT run's "{{ instruction }}") names other fields.
+        given = any(o.lstrip("-").startswith("finetune.prompt") for o in overrides or [])
+        ft = ft if given else replace(ft, prompt="")
     records = read_records(data, ft)
     records = records[:limit] if limit else records
     if task == "preference":
