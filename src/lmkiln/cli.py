@@ -1005,14 +1005,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         help="task file: .jsonl, .csv or .parquet (not for memorization: it reads the run's canaries)",
     )
-    evaluate.add_argument(
+    what = evaluate.add_mutually_exclusive_group(required=True)  # a task file's metric, or lm-eval tasks
+    what.add_argument(
         "--harness",
         metavar="TASKS",
         help="run lm-evaluation-harness tasks (comma-separated names from its registry or --include)",
     )
     evaluate.add_argument("--include", metavar="PATH", help="--harness: a directory of local task YAMLs")
-    evaluate.add_argument("--num-fewshot", type=int, help="--harness: few-shot examples per prompt")
     evaluate.add_argument(
+        "--num-fewshot", type=NON_NEGATIVE_INT, help="--harness: few-shot examples per prompt"
+    )
+    what.add_argument(
         "--task",
         choices=[
             "instruction",
