@@ -272,3 +272,48 @@ def test_preference_runs_resume_exactly(tmp_path, method):
     assert resumed.fit.state.step == done.fit.state.step == 6
     assert weights_hash(resumed.model) == weights_hash(done.model)
     assert resumed.fit.last_eval == done.fit.last_eval
+
+
+CHAT_PAIRS = [
+    {
+        "messages": [
+            {"role": "system", "content": "Reply in words."},
+            {"role": "user", "content": "red cat"},
+            {"role": "assistant", "content": "red cat"},
+            {"role": "user", "content": "sun dog"},
+        ],
+        "chosen": [{"role": "assistant", "content": "sun dog"}],  # TRL's conversational format
+        "rejected": "dog sun",
+    },
+    {"messages": [{"role": "user", "content": "blue tree"}], "chosen": "blue tree", "rejected": "tree blue"},
+]
+
+
+def test_conversation_prompts_train_only_the_final_reply(tmp_path):
+    """Rows with messages: the chat template renders the prompt, an earlier assistant turn is
+    context (untrained), and the reply with its end-of-turn token is what the pair compares."""
+    from lmkiln.tasks.finetune import finetune
+    from tests.finetune_helpers import ft_config
+
+    base = make_base(tmp_path / "base")
+    data = write_jsonl(tmp_path / "chat.jsonl", CHAT_PAIRS * 8)
+    overrides = ("finetune.format=preference", "finetune.objective=orpo", "train.monitor=val_accuracy")
+    result = finetune(ft_config(base, data, tmp_path / "run", *overrides, "train.max_steps=2"))
+    tokenizer = result.tokenizer
+    assert tokenizer.decode([tokenizer.eos_id]) == "<|im_end|>"
+    cfg = FinetuneConfig(format="preference", objective="orpo")
+    from lmkiln.data.templates import chat_template_of
+
+    encoder = ExampleEncoder(tokenizer, cfg, 96, chat_template_of(tokenizer))
+    records = read_records(data, cfg)[:1]
+    pair = encode_pairs(encoder, records, "train")[0][0]
+    for example, reply in ((pair.chosen, "sun dog"), (pair.rejected, "dog sun")):
+        trained = [t for t in example.labels if t != IGNORE_INDEX]
+        assert tokenizer.decode(trained) == reply + "<|im_end|>\n"  # as chat SFT trains a turn
+        assert "red cat" in tokenizer.decode(example.input_ids)  # the earlier turn is context
+
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [PAIRS[0], CHAT_PAIRS[1]])
+    with pytest.raises(
+        LmkilnError, match="mixed.jsonl:2: this row has messages while .*mixed.jsonl:1 does not"
+    ):
+        finetune(ft_config(base, mixed, tmp_path / "mixed", *overrides))

@@ -36,12 +36,39 @@ class PreferencePair:
         return max(len(self.chosen.input_ids), len(self.rejected.input_ids))
 
 
+def _chat_prompt(encoder: ExampleEncoder, record: Record) -> list[int]:
+    """The conversation's tokens up to and including the assistant generation prompt."""
+    return encoder.encode_pieces(encoder.chat.pieces(record.messages, generation_prompt=True)).tokens()[0]
+
+
+def _chat_side(encoder: ExampleEncoder, record: Record, reply: str) -> TokenExample | None:
+    """The conversation plus one assistant reply; only the reply (and its end-of-turn) is trained,
+    earlier assistant turns are context. Too long: None (the oldest turns are not dropped here)."""
+    prompt = _chat_prompt(encoder, record)
+    turn = {"role": "assistant", "content": reply}
+    ids, trained = encoder.encode_pieces(encoder.chat.pieces([*record.messages, turn])).tokens()
+    if ids[: len(prompt)] != prompt:
+        raise LmkilnError(
+            f"{record.location}: the chat template renders the prompt differently inside a reply"
+        )
+    if len(ids) - 1 > encoder.max_length:
+        return None
+    trained = [False] * len(prompt) + trained[len(prompt) :]
+    labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids[1:], trained[1:])]
+    return TokenExample(ids[:-1], labels)
+
+
 def encode_pair(encoder: ExampleEncoder, record: Record, report: LengthReport) -> PreferencePair | None:
     """Both sides of a pair under the length policy; None when a side has to be dropped.
 
     A prompt that alone fills the context is an error rather than a silent drop: no reply fits.
     """
-    prompt = encoder.encode_pieces(encoder.prompt_pieces(record)).length
+    if record.messages and encoder.chat is None:
+        raise LmkilnError(f"{record.location}: a conversation prompt needs the chat template")
+    if record.messages:
+        prompt = len(_chat_prompt(encoder, record))
+    else:
+        prompt = encoder.encode_pieces(encoder.prompt_pieces(record)).length
     if prompt >= encoder.max_length:
         raise LmkilnError(
             f"{record.location}: the prompt has {prompt} tokens, no room for a reply within "
@@ -51,7 +78,10 @@ def encode_pair(encoder: ExampleEncoder, record: Record, report: LengthReport) -
     truncated = False
     for reply in record.targets[:2]:
         side_report = LengthReport()
-        example = encoder.example(dataclasses.replace(record, targets=[reply]), side_report)
+        if record.messages:
+            example = _chat_side(encoder, record, reply)
+        else:
+            example = encoder.example(dataclasses.replace(record, targets=[reply]), side_report)
         if example is None:
             report.dropped += 1
             return None

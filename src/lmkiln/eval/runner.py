@@ -294,7 +294,8 @@ def evaluate_preference(
     """How often the model gives the chosen reply a higher log-probability than the rejected one
     (ties count half), the mean margin and the mean log-probabilities: no reference model."""
     started = time.perf_counter()
-    encoder = ExampleEncoder(tokenizer, ft, ft.max_length or model.cfg.block_size)
+    chat = chat_template_of(tokenizer) if records and records[0].messages else None
+    encoder = ExampleEncoder(tokenizer, ft, ft.max_length or model.cfg.block_size, chat)
     pairs, report = encode_pairs(encoder, records, "evaluation")
     collate = preference_collate(
         pairs, tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id

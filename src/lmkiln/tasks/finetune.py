@@ -40,6 +40,7 @@ from lmkiln.finetune.prepare import (
     prepare_tokenizer,
     resolve_labels,
     split_records,
+    uses_chat,
 )
 from lmkiln.model.lora import lora_scaling, merge_lora_tensors
 from lmkiln.model.transformer import Transformer
@@ -184,7 +185,7 @@ def encode_examples(
     max_length: int,
 ) -> TaskData:
     ft = cfg.finetune
-    chat = chat_template_of(tokenizer) if ft.format == "chat" else None
+    chat = chat_template_of(tokenizer) if uses_chat(ft, train + val) else None
     encoder = ex.ExampleEncoder(tokenizer, ft, max_length, chat, labels)
     if ft.format == "preference":
         train_examples, train_report = encode_pairs(encoder, train, "train")
@@ -219,7 +220,7 @@ def finetune(
     train_records, val_records = split_records(cfg)  # data mistakes show before a large base loads
     labels = resolve_labels(ft, train_records, val_records) if ft.format == "classification" else []
     base = load_base(ft.base, max_context=ft.max_length or None)
-    tokenizer, new_rows = prepare_tokenizer(base.tokenizer, ft)
+    tokenizer, new_rows = prepare_tokenizer(base.tokenizer, ft, uses_chat(ft, train_records + val_records))
     max_length = ft.max_length or base.model_cfg.block_size
     if max_length > base.model_cfg.block_size:
         raise LmkilnError(

@@ -121,8 +121,11 @@ class PreferenceLoss:
         sums, counts = sequence_logps(model, batch)  # (2B,) chosen rows, then rejected rows
         chosen, rejected = sums.chunk(2)
         if self.kind == "orpo":
-            chosen_counts, rejected_counts = counts.clamp(min=1).chunk(2)
-            loss, good, bad = orpo_losses(chosen / chosen_counts, rejected / rejected_counts, self.beta)
+            # A padding slot scores no token (mean 0, where log(1 − e⁰) = −inf): keep every mean
+            # just below 0 so its zero-weighted loss stays finite (and its gradient 0, not NaN).
+            means = (sums / counts.clamp(min=1)).clamp(max=-1e-6)
+            chosen_mean, rejected_mean = means.chunk(2)
+            loss, good, bad = orpo_losses(chosen_mean, rejected_mean, self.beta)
             return PairTerms(loss, chosen, rejected, good, bad)
         reference = batch.get("ref_logps")
         if reference is None:
