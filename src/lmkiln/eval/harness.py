@@ -55,7 +55,8 @@ class LmkilnLM(TemplateLM):
         if tokenizer is None:
             raise LmkilnError("LmkilnLM(model=...) needs its tokenizer too")
         self.model, self.lmkiln_tokenizer = model.eval(), tokenizer
-        self.batch_size = int(batch_size)  # lm-eval passes strings from --model_args
+        # lm-eval passes strings from --model_args; "auto" (its batch-size search) is not offered
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
         self.max_gen_toks = int(max_gen_toks)
         self._device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id

@@ -39,6 +39,11 @@ def check_finetune_config(cfg: Config) -> None:
             f"finetune.objective={ft.objective} needs preference pairs: format=preference "
             f"(rows of prompt, chosen, rejected)"
         )
+    if ft.reference == "adapters_disabled" and ft.method != "lora":
+        raise LmkilnError(
+            f"finetune.reference=adapters_disabled needs method=lora (method is {ft.method}); "
+            f"use reference=precomputed or auto"
+        )
     if ft.packing and preference:
         raise LmkilnError(
             "finetune.packing does not apply to preference pairs (each pair is one padded batch)"

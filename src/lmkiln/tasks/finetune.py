@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,11 +50,11 @@ from lmkiln.runs.load import find_checkpoint, load_run
 from lmkiln.runs.rundir import open_run_dir
 from lmkiln.runs.tensors import model_tensors
 from lmkiln.train.distributed import parallelize
-from lmkiln.train.evaluate import classification_evaluator, lm_evaluator
+from lmkiln.train.evaluate import Evaluator, classification_evaluator, lm_evaluator
 from lmkiln.train.loop import FitResult, TrainLoop, TrainSetup
 from lmkiln.train.objectives import ClassificationLoss, LanguageModelLoss
 from lmkiln.train.optim import build_optimizer
-from lmkiln.train.preference import preference_evaluator
+from lmkiln.train.preference import PreferenceLoss, preference_evaluator
 from lmkiln.train.runtime import Runtime
 from lmkiln.train.state import TrainState
 
@@ -348,8 +349,14 @@ def _train_setup(
 
 
 def _preference_data(
-    ft: FinetuneConfig, model: nn.Module, data: TaskData, method: MethodSetup, micro: int, pad: int, device
-):
+    ft: FinetuneConfig,
+    model: nn.Module,
+    data: TaskData,
+    method: MethodSetup,
+    micro: int,
+    pad: int,
+    device: torch.device,
+) -> tuple[Callable[[list[int]], dict], PreferenceLoss, Evaluator | None]:
     """(collate, objective, evaluator) of a DPO/ORPO run. A precomputed reference is scored here by
     the untrained model — on resume too: the base is loaded again, the checkpoint only later."""
     objective = preference_loss(ft, method.peft_model)
