@@ -29,6 +29,7 @@ from lmkiln.data.tokenizer import Tokenizer, train_bpe
 from lmkiln.eval.runner import generate_batched
 from lmkiln.model.transformer import Transformer
 from lmkiln.runs.checkpoint import CheckpointData, write_checkpoint
+from lmkiln.runs.load import load_run
 from lmkiln.runs.tensors import model_tensors
 from lmkiln.tasks.finetune import finetune
 from lmkiln.train.state import TrainState
@@ -166,8 +167,6 @@ def main() -> None:
         "dpo_lora": ("finetune.objective=dpo", "finetune.method=lora", "optim.lr=3e-3", steps),
         "orpo_full": ("finetune.objective=orpo", "finetune.beta=0.5", "optim.lr=1e-3", steps),
     }
-    from lmkiln.runs.load import load_run
-
     loaded = load_run(base)
     before_rate = chosen_style_rate(loaded.model, loaded.tokenizer, heldout)
     for name, flags in objectives.items():
