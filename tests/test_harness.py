@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from tests.finetune_helpers import make_base
+from finetune_helpers import make_base
 
 pytest.importorskip("lm_eval")
 

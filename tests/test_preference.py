@@ -8,6 +8,7 @@ from collections import defaultdict
 
 import pytest
 import torch
+from finetune_helpers import make_base, write_jsonl
 
 from benchmarks import preference as synthetic
 from lmkiln.config import FinetuneConfig
@@ -19,7 +20,6 @@ from lmkiln.errors import LmkilnError
 from lmkiln.finetune.preference import adapters_disabled, precompute_reference
 from lmkiln.runs.load import load_run
 from lmkiln.train.preference import PreferenceLoss, dpo_losses, sequence_logps
-from tests.finetune_helpers import make_base, write_jsonl
 
 PAIRS = [
     {"prompt": "red cat means", "chosen": " red cat", "rejected": " cat red"},
@@ -234,9 +234,9 @@ def test_record_of_a_pair_keeps_both_replies(tmp_path):
 def test_preference_runs_resume_exactly(tmp_path, method):
     """Killed inside step 5 (checkpoint at 3) and resumed: the weights equal an unbroken run's,
     with the reference precomputed again (full) or taken from disabled adapters (LoRA)."""
+    from finetune_helpers import ft_config
+
     from lmkiln.tasks.finetune import finetune
-    from tests.finetune_helpers import ft_config
-    from tests.test_finetune_methods import weights_hash
 
     base = make_base(tmp_path / "base")
     rows = [
@@ -270,7 +270,8 @@ def test_preference_runs_resume_exactly(tmp_path, method):
     events = [e for e in _records(tmp_path / "b") if e["event"] == "resume"]
     assert [e["step"] for e in events] == [3]
     assert resumed.fit.state.step == done.fit.state.step == 6
-    assert weights_hash(resumed.model) == weights_hash(done.model)
+    for name, tensor in done.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], tensor), name
     assert resumed.fit.last_eval == done.fit.last_eval
 
 
@@ -292,8 +293,9 @@ CHAT_PAIRS = [
 def test_conversation_prompts_train_only_the_final_reply(tmp_path):
     """Rows with messages: the chat template renders the prompt, an earlier assistant turn is
     context (untrained), and the reply with its end-of-turn token is what the pair compares."""
+    from finetune_helpers import ft_config
+
     from lmkiln.tasks.finetune import finetune
-    from tests.finetune_helpers import ft_config
 
     base = make_base(tmp_path / "base")
     data = write_jsonl(tmp_path / "chat.jsonl", CHAT_PAIRS * 8)
