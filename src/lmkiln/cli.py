@@ -803,6 +803,29 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
 # Parser and entry point
 
 
+def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
+    from lmkiln.plan import parse_duration, parse_memory
+    from lmkiln.plan.text import format_plan, plan_with_data
+
+    if args.device:
+        extra = [*extra, f"train.device={args.device}"]
+    cfg = _load(args, extra)
+    memory = parse_memory(args.memory) if args.memory else None
+    budget = parse_duration(args.time) if args.time else None
+    print(format_plan(plan_with_data(cfg, memory, budget)))
+    return 0
+
+
+def _add_plan_commands(sub: argparse._SubParsersAction) -> None:
+    plan = _config_parser(
+        "plan", "predict a run's memory and time on this machine and recommend a size and batch", sub
+    )
+    plan.add_argument("--memory", help="memory to fit, e.g. 24GiB: picks the micro-batch and checkpointing")
+    plan.add_argument("--time", help="time budget, e.g. 10m: the compute-optimal model size for it")
+    plan.add_argument("--device", choices=["cpu", "cuda"], help="plan for this device (train.device)")
+    plan.set_defaults(func=cmd_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmkiln",
@@ -847,6 +870,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--force", action="store_true", help="resume even if settings changed")
     finetune.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     finetune.set_defaults(func=cmd_finetune)
+    _add_plan_commands(sub)
 
     evaluate = sub.add_parser(
         "eval",
