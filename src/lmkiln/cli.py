@@ -11,6 +11,7 @@ import os
 import shlex
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from lmkiln.errors import Interrupted, LmkilnError
 
@@ -266,6 +267,8 @@ def _run_task(cfg, args: argparse.Namespace):
     result = run_task(cfg, resume=resume, force=args.force, overwrite=args.overwrite and resume is None)
     if _is_main():
         print(result.summary())
+        if (Path(result.run_dir) / "metrics.jsonl").is_file():
+            _write_run_report(result.run_dir)
     return result
 
 
@@ -812,8 +815,39 @@ def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = _load(args, extra)
     memory = parse_memory(args.memory) if args.memory else None
     budget = parse_duration(args.time) if args.time else None
-    print(format_plan(plan_with_data(cfg, memory, budget)))
+    plan = plan_with_data(cfg, memory, budget)
+    print(format_plan(plan))
+    if args.save:
+        from lmkiln.files import write_json_atomic
+
+        write_json_atomic(args.save, plan.summary())
+        print(f"plan saved to {args.save} (put it in the run directory as plan.json for `lmkiln report`)")
     return 0
+
+
+def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
+    from lmkiln.report import write_report
+
+    print(f"report: {write_report(args.runs, args.out, args.samples)}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace, extra: list[str]) -> int:
+    from lmkiln.report import list_runs, runs_table
+
+    records = list_runs(args.dir)
+    print(runs_table(records, Path(args.dir)) if records else f"no runs under {args.dir}")
+    return 0
+
+
+def _write_run_report(run_dir) -> None:
+    """Every run ends with its report.html; a failure to write it never fails the run."""
+    from lmkiln.report import write_report
+
+    try:
+        print(f"report: {write_report([run_dir], samples=0)}")
+    except Exception as err:  # the run itself succeeded
+        log.warning("could not write the HTML report: %s", err)
 
 
 def _add_plan_commands(sub: argparse._SubParsersAction) -> None:
@@ -823,7 +857,16 @@ def _add_plan_commands(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--memory", help="memory to fit, e.g. 24GiB: picks the micro-batch and checkpointing")
     plan.add_argument("--time", help="time budget, e.g. 10m: the compute-optimal model size for it")
     plan.add_argument("--device", choices=["cpu", "cuda"], help="plan for this device (train.device)")
+    plan.add_argument("--save", metavar="FILE", help="also write the plan's figures as JSON")
     plan.set_defaults(func=cmd_plan)
+    report = sub.add_parser("report", help="write a self-contained HTML report of one or more runs")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", help="where to write it (default RUN_DIR/report.html of the first run)")
+    report.add_argument("--samples", type=int, default=2, help="samples to generate per run (0 = none)")
+    report.set_defaults(func=cmd_report)
+    runs = sub.add_parser("runs", help="list runs under a directory with their final metrics")
+    runs.add_argument("dir", nargs="?", default="runs", metavar="DIR")
+    runs.set_defaults(func=cmd_runs)
 
 
 def build_parser() -> argparse.ArgumentParser:
