@@ -840,6 +840,41 @@ def cmd_runs(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
+    from lmkiln.sweep.search import read_space, sweep
+
+    space = read_space(args.space)
+    base = _load(args, extra)
+    directory = args.dir or f"runs/{base.name}-sweep"
+
+    def make_config(trial_overrides: list[str]):
+        return _load(args, [*extra, *trial_overrides])
+
+    result = sweep(make_config, space, directory, args.trials, args.parallel, args.metric, args.pruner)
+    print(result.table)
+    print(f"best: {args.metric} {result.best_value:.4f} with {result.best_params}")
+    print(f"best config delta: {result.best_file}" + (f"; plot: {result.plot}" if result.plot else ""))
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace, extra: list[str]) -> int:
+    from lmkiln.sweep.lr_find import lr_range_test, plot_range_test
+
+    cfg = _load(args, extra)
+    result = lr_range_test(cfg, args.steps, args.start, args.end)
+    shown = range(0, len(result.lrs), max(1, len(result.lrs) // 12))
+    print("lr          smoothed loss")
+    for i in shown:
+        print(f"{result.lrs[i]:<11.3g} {result.losses[i]:.4f}")
+    if result.diverged_at:
+        print(f"stopped at lr {result.diverged_at:.3g}: the loss passed 4x its minimum")
+    plot = plot_range_test(result, args.plot) if args.plot else None
+    print(
+        f"suggested optim.lr={result.suggestion:.3g} (steepest descent)" + (f"; plot: {plot}" if plot else "")
+    )
+    return 0
+
+
 def _write_run_report(run_dir) -> None:
     """Every run ends with its report.html; a failure to write it never fails the run."""
     from lmkiln.report import write_report
@@ -864,6 +899,24 @@ def _add_plan_commands(sub: argparse._SubParsersAction) -> None:
     report.add_argument("--out", help="where to write it (default RUN_DIR/report.html of the first run)")
     report.add_argument("--samples", type=int, default=2, help="samples to generate per run (0 = none)")
     report.set_defaults(func=cmd_report)
+    sweep = _config_parser("sweep", "tune hyper-parameters with Optuna (TPE, pruning, resumable)", sub)
+    sweep.add_argument(
+        "--space", required=True, help="YAML file: config key -> {low, high, log} or {choices}"
+    )
+    sweep.add_argument("--trials", type=int, default=10, help="trials the study should hold when done")
+    sweep.add_argument("--parallel", type=int, default=1, help="trials run at once (threads of this process)")
+    sweep.add_argument(
+        "--dir", help="sweep directory (default runs/NAME-sweep): study.db, trial-NNN/, best.yaml"
+    )
+    sweep.add_argument("--metric", default="val_loss", help="validation metric to minimise")
+    sweep.add_argument("--pruner", default="median", choices=["median", "halving", "none"])
+    sweep.set_defaults(func=cmd_sweep)
+    lr_find = _config_parser("lr-find", "learning-rate range test: a quick first guess for optim.lr", sub)
+    lr_find.add_argument("--steps", type=int, default=100)
+    lr_find.add_argument("--start", type=float, default=1e-6)
+    lr_find.add_argument("--end", type=float, default=1.0)
+    lr_find.add_argument("--plot", metavar="PNG", help="write the loss-by-rate curve here")
+    lr_find.set_defaults(func=cmd_lr_find)
     runs = sub.add_parser("runs", help="list runs under a directory with their final metrics")
     runs.add_argument("dir", nargs="?", default="runs", metavar="DIR")
     runs.set_defaults(func=cmd_runs)
