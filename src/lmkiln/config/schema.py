@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from operator import attrgetter
 from typing import Any, Literal
 
+from lmkiln.config.ranges import check_ranges
 from lmkiln.errors import LmkilnError
 
 # --------------------------------------------------------------------------------------------
@@ -476,7 +476,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a single field's type cannot express."""
+    """Every numeric key's declared range (`ranges.FIELD_RANGES`), then cross-field checks."""
+    check_ranges(cfg)
     m, t = cfg.model, cfg.train
     if m.d_model % m.n_head and not m.head_size:
         raise LmkilnError(f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
@@ -493,20 +494,12 @@ def validate(cfg: Config) -> None:
             f"train.seq_len ({t.seq_len}) is longer than the model's maximum context "
             f"model.block_size ({m.block_size}); lower train.seq_len or raise model.block_size"
         )
-    for key in (
-        "train.max_steps",
-        "train.batch_size",
-        "train.eval_every",
-        "train.save_every",
-        "train.log_every",
-        "model.n_layer",
-        "model.d_model",
-        "model.block_size",
-    ):
-        if attrgetter(key)(cfg) <= 0:
-            raise LmkilnError(f"config key '{key}' must be positive, got {attrgetter(key)(cfg)}")
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise LmkilnError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    tab = cfg.table
+    if tab.val_fraction + tab.test_fraction >= 1:
+        raise LmkilnError(
+            f"table.val_fraction + table.test_fraction must be below 1 (rows are left to train on), "
+            f"got {tab.val_fraction} + {tab.test_fraction}"
+        )
     _validate_data_quality(cfg.data)
     batch_plan(t)  # one process: the batch must split into micro-batches
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lmkiln.config import Config, FinetuneConfig, ModelConfig, ResolvedConfig, resolve, to_dict, to_yaml
+from lmkiln.config.resolve import METHOD_NAMES
 from lmkiln.data import task_examples as ex
 from lmkiln.data.formats import Record
 from lmkiln.data.loader import epoch_stream
@@ -117,6 +118,8 @@ class FinetuneResult:
     check: dict = field(default_factory=dict)
     """Generation check on validation prompts: {"before": metrics, "after": metrics}."""
     wall_seconds: float = 0.0
+    notes: tuple[str, ...] = ()
+    """Values chosen for the method, with why (`lmkiln.config.resolve.method_defaults`)."""
 
     def summary(self) -> str:
         from lmkiln.train.observe import format_count, format_duration
@@ -127,6 +130,7 @@ class FinetuneResult:
             f"fine-tuned {ft.format} ({ft.method}): {format_count(self.method.trainable)} trainable of "
             f"{format_count(self.method.total)} parameters ({share:.2%}); {state.step} steps, "
             f"{state.epoch} epoch{'' if state.epoch == 1 else 's'} in {format_duration(state.train_seconds)}",
+            *self.notes,
             *(r.describe(split, self.cfg.train.seq_len, ft.overlong) for split, r in self.lengths.items()),
         ]
         before, after = self.fit.first_eval, self.fit.last_eval
@@ -229,6 +233,8 @@ def finetune(
         derived=derived,
     )
     cfg, ft = run.cfg, run.cfg.finetune
+    for note in run.notes:
+        log.info("%s", note)
     model, backbone = build_finetune_model(base.model, cfg, new_rows, labels, runtime.device)
     method = apply_method(model, backbone, ft, new_rows)
     log.info(
@@ -263,7 +269,16 @@ def finetune(
         _write_outputs(run_dir, cfg, model, method, result, check, started)
     runtime.barrier()
     return FinetuneResult(
-        run_dir, result, model, tokenizer, cfg, method, data.lengths, check, time.perf_counter() - started
+        run_dir,
+        result,
+        model,
+        tokenizer,
+        cfg,
+        method,
+        data.lengths,
+        check,
+        time.perf_counter() - started,
+        run.notes,
     )
 
 
@@ -327,6 +342,8 @@ def _train_setup(
         fingerprint=fingerprint,
         tokens_in=ex.real_tokens,
         epoch_of=lambda: batches.epoch,
+        stall_hint=f"the learning rate ({cfg.optim.lr:g}) may be too low for {METHOD_NAMES[ft.method]}; "
+        f"raise optim.lr",
     )
 
 

@@ -38,6 +38,7 @@ from lmkiln.train.objectives import Batch, Objective
 from lmkiln.train.observe import RunLog, Throughput
 from lmkiln.train.optim import set_learning_rate
 from lmkiln.train.runtime import Runtime, measure_matmul_peak
+from lmkiln.train.stall import StallWatch
 from lmkiln.train.state import BatchStream, Checkpointed, TrainState
 from lmkiln.train.step import StepResult, to_device, train_step
 
@@ -69,6 +70,9 @@ class TrainSetup:
     """Completed epochs of the training data, for epoch-based stopping."""
     unit: str = "tokens"
     """What tokens_in counts ('tokens' or 'examples'): the progress display says tok/s or ex/s."""
+    stall_hint: str | None = None
+    """When set, warn once if the validation loss has barely moved by mid-run, with this advice
+    (`lmkiln.train.stall`); fine-tuning sets it."""
 
 
 @dataclass
@@ -139,6 +143,7 @@ class TrainLoop:
         # called with (step, validation metrics) after each evaluation; True stops the run
         # ("pruned": a hyper-parameter search gave up on it)
         self.on_eval = on_eval
+        self.stall = StallWatch(setup.total_steps, setup.stall_hint) if setup.stall_hint else None
 
     @property
     def sharded(self) -> bool:
@@ -358,6 +363,10 @@ class TrainLoop:
         self.log.record("eval", {**where, **metrics})
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         self.log.message("eval " + " ".join(f"{k} {v}" for k, v in where.items()) + ": " + shown)
+        stalled = self.stall.check(self.state.step, metrics) if self.stall else None
+        if stalled and self.runtime.is_main:
+            log.warning("%s", stalled["message"])
+            self.log.record("stall", stalled)
         return metrics
 
     def _evaluate(self, final: bool = False) -> str | None:
