@@ -107,7 +107,9 @@ def main() -> None:
     logging.disable(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--only", default="", help="run configs whose name contains this")
+    parser.add_argument(
+        "--only", default="", help="comma-separated: configs whose name contains one of these"
+    )
     parser.add_argument("--out", default="")
     parser.add_argument(
         "--rounds",
@@ -121,7 +123,7 @@ def main() -> None:
 
     rows = []
     for name, overrides in CONFIGS.items():
-        if args.only and args.only not in name:
+        if args.only and not any(part in name for part in args.only.split(",")):
             continue
         rounds = [(predict(overrides), measure(overrides, args.steps)) for _ in range(args.rounds)]
         predicted, measured = rounds[0]
