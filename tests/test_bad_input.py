@@ -78,6 +78,22 @@ CASES: list[tuple[str, str]] = [
     ("finetune --base {w}/run --data {w}/sft.jsonl finetune.lora_r=0", "'finetune.lora_r' must be >= 1"),
     ("finetune --base {w}/run --data {w}/sft.jsonl --format nosuch", "argument --format: invalid choice"),
     ("finetune --base {w}/run --data {w}/sft.jsonl data.seed=1", "belongs to task 'pretrain'"),
+    (
+        "finetune --base {w}/run --data {w}/prefs.jsonl --format preference",
+        "prefs.jsonl:2: missing field 'rejected'",
+    ),
+    (
+        "finetune --base {w}/run --data {w}/sft.jsonl --objective dpo",
+        "finetune.objective=dpo needs preference pairs",
+    ),
+    (
+        "finetune --base {w}/run --data {w}/prefs.jsonl --format preference finetune.reference=adapters_disabled",
+        "finetune.reference=adapters_disabled needs method=lora",
+    ),
+    (
+        "finetune --base {w}/run --data {w}/prefs.jsonl --format preference finetune.beta=0",
+        "'finetune.beta' must be positive",
+    ),
     # data prepare
     ("data prepare data.shard_tokens=0", "'data.shard_tokens' must be >= 1000, got 0"),
     ("data prepare data.val_fraction=1", "'data.val_fraction' must be in [0, 1), got 1.0"),
@@ -149,7 +165,8 @@ CASES: list[tuple[str, str]] = [
     ("eval {w}/run --task memorization --candidates 0", "argument --candidates: must be at least 1"),
     ("eval {w}/run --task qa --max-new-tokens 0", "argument --max-new-tokens: must be at least 1"),
     ("eval {w}/run --task perplexity --device cuda", "no CUDA device is available"),
-    ("eval {w}/run", "the following arguments are required: --task"),
+    ("eval {w}/run", "one of the arguments --harness --task is required"),
+    ("eval {w}/run --task qa --harness echo_choice", "argument --harness: not allowed with argument --task"),
     ("eval {w}/run --task nosuch", "argument --task: invalid choice"),
     ("eval {w}/run --task qa --data {w}/missing.jsonl", "{w}/missing.jsonl"),
     ("eval {w}/missing --task perplexity --data {w}/sft.jsonl", "{w}/missing"),
@@ -245,6 +262,9 @@ def world(tmp_path_factory):
     (w / "empty").mkdir()
     write(w / "sft.jsonl", '{"instruction": "say hi", "output": "hi"}\n' * 8)
     write(w / "texts.jsonl", '{"text": "one"}\n{"text": "two"}\n')
+    write(
+        w / "prefs.jsonl", '{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a"}\n'
+    )
     write(w / "pairs.jsonl", '{"query": "q", "positive": "p"}\n')
     for name in ("enc-pickle", "enc-corrupt"):
         write(w / name / "config.json", json.dumps({"model_type": "bert"}))

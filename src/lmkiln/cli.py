@@ -566,10 +566,11 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
     flags = ["task=finetune"]
-    for key in ("base", "data", "format", "method"):
+    for key in ("base", "data", "format", "method", "objective"):
         if getattr(args, key):
             flags.append(f"finetune.{key}={getattr(args, key)}")
-    cfg = _load(args, [*extra, *flags], default_recipe=f"sft-{args.format or 'instruction'}")
+    recipe = "preference" if args.format == "preference" else f"sft-{args.format or 'instruction'}"
+    cfg = _load(args, [*extra, *flags], default_recipe=recipe)
     _run_task(cfg, args)
     return 0
 
@@ -577,6 +578,12 @@ def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from pathlib import Path
 
+    if bool(args.task) == bool(args.harness):
+        raise LmkilnError(
+            "lmkiln eval needs --task TASK (a task file) or --harness TASKS (lm-eval), not both"
+        )
+    if args.harness:
+        return _eval_harness(args, extra)
     from lmkiln.eval.runner import evaluate_run, write_result
 
     result = evaluate_run(
@@ -597,6 +604,38 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         print(f"{args.task} on {args.data}: {result.examples} examples in {result.seconds:.1f} s")
     print(result.table())
+    print(f"results: {out}")
+    return 0
+
+
+def _eval_harness(args: argparse.Namespace, extra: list[str]) -> int:
+    import json
+    from pathlib import Path
+
+    if extra:
+        raise LmkilnError(f"unexpected arguments: {_quote(extra)}")
+    if args.include and not Path(args.include).exists():
+        raise LmkilnError(f"--include {args.include}: no such task file or directory")
+    try:
+        from lm_eval.utils import make_table
+
+        from lmkiln.eval.harness import run_harness
+    except ImportError:
+        raise LmkilnError("--harness needs lm-evaluation-harness: pip install 'lmkiln[harness]'") from None
+    tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
+    results = run_harness(
+        args.run_dir,
+        tasks,
+        include=args.include,
+        limit=args.limit or None,
+        batch_size=args.batch_size,
+        device=args.device,
+        num_fewshot=args.num_fewshot,
+    )
+    out = Path(args.out) if args.out else Path(args.run_dir) / "eval-harness.json"
+    kept = {k: results[k] for k in ("results", "versions", "n-shot", "config") if k in results}
+    out.write_text(json.dumps(kept, indent=1, default=str), encoding="utf-8")
+    print(make_table(results))
     print(f"results: {out}")
     return 0
 
@@ -1049,16 +1088,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     finetune = _config_parser(
-        "finetune", "fine-tune a trained model on a task file (default recipe: sft-FORMAT)", sub
+        "finetune",
+        "fine-tune a trained model on a task file (default recipe: sft-FORMAT, or preference)",
+        sub,
     )
     finetune.add_argument("--base", help="the model to fine-tune: an lmkiln run directory (finetune.base)")
     finetune.add_argument("--data", help="training examples: .jsonl, .csv or .parquet (finetune.data)")
     finetune.add_argument(
         "--format",
-        choices=["instruction", "chat", "translation", "summarization", "qa", "classification"],
-        help="task format of the rows (default instruction)",
+        choices=["instruction", "chat", "translation", "summarization", "qa", "classification", "preference"],
+        help="task format of the rows (default instruction; preference: prompt, chosen, rejected)",
     )
     finetune.add_argument("--method", choices=["full", "freeze", "lora"], help="what to train (default full)")
+    finetune.add_argument(
+        "--objective",
+        choices=["sft", "dpo", "orpo"],
+        help="what is minimised (finetune.objective): sft, or dpo/orpo for --format preference",
+    )
     finetune.add_argument(
         "--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint"
     )
@@ -1069,7 +1115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser(
         "eval",
-        help="task metrics of a trained run on a task file",
+        help="task metrics of a trained run on a task file, or lm-evaluation-harness tasks (--harness)",
         description="Task metrics of a run on a task file; extra section.key=VALUE arguments override the "
         "run's finetune settings (e.g. finetune.fields output=completion).",
         allow_abbrev=False,
@@ -1079,9 +1125,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         help="task file: .jsonl, .csv or .parquet (not for memorization: it reads the run's canaries)",
     )
+    what = evaluate.add_mutually_exclusive_group(required=True)  # a task file's metric, or lm-eval tasks
+    what.add_argument(
+        "--harness",
+        metavar="TASKS",
+        help="run lm-evaluation-harness tasks (comma-separated names from its registry or --include)",
+    )
+    evaluate.add_argument("--include", metavar="PATH", help="--harness: a directory of local task YAMLs")
     evaluate.add_argument(
+        "--num-fewshot", type=NON_NEGATIVE_INT, help="--harness: few-shot examples per prompt"
+    )
+    what.add_argument(
         "--task",
-        required=True,
         choices=[
             "instruction",
             "chat",
@@ -1089,6 +1144,7 @@ def build_parser() -> argparse.ArgumentParser:
             "summarization",
             "qa",
             "classification",
+            "preference",
             "perplexity",
             "memorization",
         ],

@@ -142,6 +142,8 @@ FIELD_RANGES: dict[str, Range] = {
     "finetune.max_length": NON_NEGATIVE,
     "finetune.eval_samples": NON_NEGATIVE,
     "finetune.max_new_tokens": AT_LEAST_1,
+    "finetune.beta": POSITIVE,
+    "finetune.label_smoothing": Range(0, 0.5, high_open=True),  # 0.5 would make DPO indifferent
 }
 """Allowed values of every numeric key (for a list key: of each item)."""
 

@@ -340,10 +340,10 @@ class FinetuneConfig:
     """Validation examples in the same format; empty holds out val_fraction of data instead."""
     val_fraction: float = 0.1
     """Share of the training examples held out for validation when val_data is empty (seeded by train.seed)."""
-    format: Literal["instruction", "chat", "translation", "summarization", "qa", "classification"] = (
-        "instruction"
-    )
-    """Task format of the rows; it fixes the required fields, the prompt template and the metric."""
+    format: Literal[
+        "instruction", "chat", "translation", "summarization", "qa", "classification", "preference"
+    ] = "instruction"
+    """Task format of the rows; it fixes the required fields, the prompt template and the metric (preference: prompt or messages, chosen, rejected)."""
     fields: list[str] = field(default_factory=list)
     """Field-name overrides as canonical=actual pairs, e.g. [output=completion, input=context]."""
     prompt: str = ""
@@ -386,6 +386,14 @@ class FinetuneConfig:
     """Upper bound on generated tokens per prompt in that check."""
     export_merged: bool = True
     """method=lora: also write the adapters merged into the base as a standalone model directory (run_dir/merged)."""
+    objective: Literal["sft", "dpo", "orpo"] = "sft"
+    """What is minimised: next-token loss on the targets (sft), or, for format=preference, DPO (against a reference) or ORPO (no reference)."""
+    beta: float = 0.1
+    """DPO: strength of the KL constraint to the reference (the reward scale); ORPO: weight of the odds-ratio term (TRL's beta)."""
+    label_smoothing: float = 0.0
+    """DPO: assumed share of flipped preference labels (conservative DPO); 0 is the plain sigmoid loss."""
+    reference: Literal["auto", "precomputed", "adapters_disabled"] = "auto"
+    """DPO's reference log-probabilities: computed once over the data before training (precomputed), or each step by the same model with its LoRA adapters disabled (needs method=lora); auto picks adapters_disabled for LoRA."""
 
 
 @dataclass

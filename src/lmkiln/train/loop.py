@@ -341,6 +341,10 @@ class TrainLoop:
         }
         if self.state.epoch:
             values["epoch"] = self.state.epoch
+        # An objective may report figures of its own (preference: reward margin and accuracy).
+        logged_metrics = getattr(self.setup.objective, "logged_metrics", None)
+        if logged_metrics is not None:
+            values.update(logged_metrics())
         self.log.record("train", values)
         rate = self.state.step / max(self.state.train_seconds, 1e-9)
         eta = (self.setup.total_steps - self.state.step) / rate if rate else float("inf")
