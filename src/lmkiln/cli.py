@@ -1035,14 +1035,18 @@ def _add_plan_commands(sub: argparse._SubParsersAction) -> None:
     report = sub.add_parser("report", help="write a self-contained HTML report of one or more runs")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", help="where to write it (default RUN_DIR/report.html of the first run)")
-    report.add_argument("--samples", type=int, default=2, help="samples to generate per run (0 = none)")
+    report.add_argument(
+        "--samples", type=NON_NEGATIVE_INT, default=2, help="samples to generate per run (0 = none)"
+    )
     report.set_defaults(func=cmd_report)
     sweep = _config_parser("sweep", "tune hyper-parameters with Optuna (TPE, pruning, resumable)", sub)
     sweep.add_argument(
         "--space", required=True, help="YAML file: config key -> {low, high, log} or {choices}"
     )
-    sweep.add_argument("--trials", type=int, default=10, help="trials the study should hold when done")
-    sweep.add_argument("--parallel", type=int, default=1, help="trials run at once (threads of this process)")
+    sweep.add_argument("--trials", type=COUNT, default=10, help="trials the study should hold when done")
+    sweep.add_argument(
+        "--parallel", type=COUNT, default=1, help="trials run at once (threads of this process)"
+    )
     sweep.add_argument(
         "--dir", help="sweep directory (default runs/NAME-sweep): study.db, trial-NNN/, best.yaml"
     )
@@ -1050,9 +1054,9 @@ def _add_plan_commands(sub: argparse._SubParsersAction) -> None:
     sweep.add_argument("--pruner", default="median", choices=["median", "halving", "none"])
     sweep.set_defaults(func=cmd_sweep)
     lr_find = _config_parser("lr-find", "learning-rate range test: a quick first guess for optim.lr", sub)
-    lr_find.add_argument("--steps", type=int, default=100)
-    lr_find.add_argument("--start", type=float, default=1e-6)
-    lr_find.add_argument("--end", type=float, default=1.0)
+    lr_find.add_argument("--steps", type=_number(int, 10), default=100)
+    lr_find.add_argument("--start", type=_number(float, 0, low_open=True), default=1e-6)
+    lr_find.add_argument("--end", type=_number(float, 0, low_open=True), default=1.0)
     lr_find.add_argument("--plot", metavar="PNG", help="write the loss-by-rate curve here")
     lr_find.set_defaults(func=cmd_lr_find)
     runs = sub.add_parser("runs", help="list runs under a directory with their final metrics")
