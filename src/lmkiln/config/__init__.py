@@ -44,6 +44,7 @@ from lmkiln.config.schema import (
     TokenizerConfig,
     TrainConfig,
     batch_plan,
+    parse_duration,
     validate,
 )
 
@@ -52,6 +53,7 @@ __all__ = [
     "BatchPlan",
     "ResolvedConfig",
     "batch_plan",
+    "parse_duration",
     "resolve",
     "TASK_SECTIONS",
     "Config",

@@ -8,6 +8,7 @@ are Literal types that equal the registries they name (tests check). Cross-field
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, Literal
@@ -182,6 +183,8 @@ class TrainConfig:
     """Optimizer steps to train for (the schedule's length unless max_epochs is set)."""
     max_epochs: int = 0
     """Train for this many passes over the training data instead of max_steps (0 = use max_steps)."""
+    max_time: str = ""
+    """Wall-clock budget of the training steps, e.g. 600, 90s, 10m, 1.5h (empty = none): the run stops at it, the schedule decays to it; max_steps/max_epochs still cap the run."""
     batch_size: int = 16
     """Sequences (or examples) per optimizer step, across all processes and micro-batches."""
     micro_batch_size: int = 0
@@ -475,6 +478,19 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str, key: str = "train.max_time") -> float:
+    """Seconds in '600', '90s', '10m' or '1.5h'; a one-line error naming `key` otherwise."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", str(text).lower())
+    if match is None or float(match.group(1)) <= 0:
+        raise LmkilnError(
+            f"config key '{key}' must be a positive duration such as 600, 90s, 10m or 1.5h, got {text!r}"
+        )
+    return float(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single field's type cannot express."""
     m, t = cfg.model, cfg.train
@@ -505,6 +521,8 @@ def validate(cfg: Config) -> None:
     ):
         if attrgetter(key)(cfg) <= 0:
             raise LmkilnError(f"config key '{key}' must be positive, got {attrgetter(key)(cfg)}")
+    if t.max_time:
+        parse_duration(t.max_time)
     if not 0 <= cfg.data.val_fraction < 1:
         raise LmkilnError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     _validate_data_quality(cfg.data)
