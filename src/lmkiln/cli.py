@@ -318,7 +318,11 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     from lmkiln.infer.generate import generate_text
     from lmkiln.runs.load import load_run
 
+    if args.beams < 1:
+        raise LmkilnError(f"--beams must be at least 1, got {args.beams}")
     loaded = load_run(args.run_dir, device=args.device)
+    if args.beams > 1:
+        return _generate_beams(loaded, args)
     sampling = _sampling(args)
     prompts = args.prompt or [""]
     for index, prompt in enumerate(prompts):
@@ -333,6 +337,20 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
 
         generate_text(loaded.model, loaded.tokenizer, [prompt], sampling, on_text=stream)
         sys.stdout.write("\n")
+    return 0
+
+
+def _generate_beams(loaded, args: argparse.Namespace) -> int:
+    """Beam search: the best continuation of each prompt, printed whole (nothing to stream)."""
+    from lmkiln.model.beam import beam_search_ids
+
+    tokenizer = loaded.tokenizer
+    for index, prompt in enumerate(args.prompt or [""]):
+        ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+        found = beam_search_ids(
+            loaded.model, ids, args.beams, args.max_new_tokens, tokenizer.eos_id, args.length_penalty
+        )
+        sys.stdout.write(("\n---\n" if index else "") + prompt + tokenizer.decode(found.tokens) + "\n")
     return 0
 
 
@@ -500,6 +518,8 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
         extra,
         args.device,
         args.candidates,
+        args.beams,
+        args.length_penalty,
     )
     out = Path(args.out) if args.out else Path(args.run_dir) / f"eval-{args.task}.json"
     write_result(result, out, {"run": str(args.run_dir), "data": str(args.data)})
@@ -881,6 +901,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="memorization: random candidates each canary is ranked among",
     )
     evaluate.add_argument("--max-new-tokens", type=int, default=64)
+    evaluate.add_argument("--beams", type=int, default=1, help="beam search width (1 = greedy)")
+    evaluate.add_argument(
+        "--length-penalty", type=float, default=1.0, help="beam search: score = log-prob / length**this"
+    )
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--limit", type=int, default=0, help="evaluate the first N examples only")
     evaluate.add_argument("--out", help="results JSON (default RUN_DIR/eval-TASK.json)")
@@ -933,6 +957,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--stop", action="append", help="stop string (repeatable)")
     generate.add_argument("--device", default="cpu")
+    generate.add_argument("--beams", type=int, default=1, help="beam search width (>1 ignores sampling)")
+    generate.add_argument(
+        "--length-penalty", type=float, default=1.0, help="beam search: score = log-prob / length**this"
+    )
     generate.set_defaults(func=cmd_generate)
     _add_use_commands(sub)
     _add_interop_commands(sub)

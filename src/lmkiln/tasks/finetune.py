@@ -302,7 +302,9 @@ def _train_setup(
         objective = LanguageModelLoss()
         if data.val:
             evaluate = lm_evaluator(eval_batches(data.val, micro, ex.padded_collate(data.val, pad)))
-    batches = epoch_stream(data.size, run.batch, tcfg.seed, runtime.rank, collate)
+    grouped = ft.group_by_length and data.packed_rows is None
+    lengths = [len(e.input_ids) for e in data.train] if grouped else None
+    batches = epoch_stream(data.size, run.batch, tcfg.seed, runtime.rank, collate, lengths)
     fingerprint = {
         "base": base.source,
         "tokenizer": tokenizer.fingerprint[:16],
@@ -311,7 +313,10 @@ def _train_setup(
         "train.batch_size": tcfg.batch_size,
         "train.micro_batch_size": micro,
         "world_size": runtime.world_size,
-        **{f"finetune.{k}": getattr(ft, k) for k in ("format", "method", "packing", "max_length", "lora_r")},
+        **{
+            f"finetune.{k}": getattr(ft, k)
+            for k in ("format", "method", "packing", "group_by_length", "max_length", "lora_r")
+        },
     }
     train_model = parallelize(model, cfg, runtime)  # before the optimizer: FSDP2 shards parameters
     optimizer = build_optimizer(model, cfg.optim)
