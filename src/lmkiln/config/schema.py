@@ -336,7 +336,11 @@ class EncoderConfig:
 @dataclass
 class FinetuneConfig:
     base: str = ""
-    """The model to fine-tune: an lmkiln run directory (or one of its checkpoints); its tokenizer comes along."""
+    """The model to fine-tune: an lmkiln run directory (or one of its checkpoints; its tokenizer comes along), a local Hugging Face directory, or 'scratch' (random weights of scratch_preset + a BPE tokenizer trained on the task's training examples)."""
+    scratch_preset: str = "task-5m"
+    """base=scratch: the model size preset (model.preset names: tiny, task-5m, small-10m, ...)."""
+    scratch_vocab: int = 8000
+    """base=scratch: vocabulary size of the tokenizer trained on the training examples."""
     data: str = ""
     """Training examples: a .jsonl, .csv or .parquet file (one example per row)."""
     val_data: str = ""
@@ -455,6 +459,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         bias=False,
         dropout=0.0,
     ),
+    "task-5m": dict(n_layer=4, n_head=4, d_model=256, block_size=256),
     "small-10m": dict(n_layer=6, n_head=6, d_model=384, block_size=256),
     "gpt2-124m": dict(
         n_layer=12,
