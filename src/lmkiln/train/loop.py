@@ -364,6 +364,8 @@ class TrainLoop:
         self.log.record("train", values)
         rate = self.state.step / max(self.state.train_seconds, 1e-9)
         eta = (self.setup.total_steps - self.state.step) / rate if rate else float("inf")
+        if self.budget:  # a time budget usually ends the run long before max_steps
+            eta = min(eta, max(0.0, self.budget - self.state.train_seconds))
         shown = {"loss": loss, "lr": lr, "grad": values["grad_norm"]}
         shown[f"{self.setup.unit}_per_s"] = values["tokens_per_s"]
         if "mfu" in values:
