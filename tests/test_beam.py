@@ -91,3 +91,38 @@ def test_bad_widths_are_one_line(tmp_path):
     proc = run_cli("eval", str(tmp_path), "--task", "translation", "--data", "x.jsonl", "--beams", "0")
     assert proc.returncode == 2 and "--beams must be at least 1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_beam_search_equals_transformers_on_the_exported_weights(tmp_path):
+    """The same hypotheses as `generate(num_beams=4, early_stopping="never")` of the HF export."""
+    pytest.importorskip("transformers")
+    from finetune_helpers import tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from lmkiln.interop.hf_export import export_model
+
+    tok = tokenizer()
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        cfg = ModelConfig(
+            vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, d_model=64, block_size=64,
+            tie_embeddings=False,
+        )  # fmt: skip
+        model = Transformer(cfg).eval()
+        with torch.no_grad():  # peaked distributions, EOS likely enough that some beams end early
+            model.lm_head.weight.mul_(25)
+            model.lm_head.weight[tok.eos_id] *= 2
+        export_model(model, tok, tmp_path / str(seed))
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / str(seed)).eval()
+        for prompt in ([5, 9, 20], [40, 41]):
+            for penalty in (1.0, 0.0):
+                ours = beam_search_ids(model, prompt, 4, 10, tok.eos_id, penalty)
+                out = hf.generate(
+                    torch.tensor([prompt]), num_beams=4, max_new_tokens=10, do_sample=False,
+                    length_penalty=penalty, early_stopping="never", eos_token_id=tok.eos_id,
+                    pad_token_id=tok.eos_id,
+                )  # fmt: skip
+                theirs = out[0, len(prompt) :].tolist()
+                while theirs and theirs[-1] == tok.eos_id:
+                    theirs.pop()
+                assert ours.tokens == theirs, (seed, prompt, penalty)
