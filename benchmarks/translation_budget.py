@@ -76,6 +76,29 @@ def split(pairs: list[tuple[str, str]], test: int, seed: int = 0):
 # lmkiln
 
 
+class PhaseMarks(logging.Handler):
+    """When lmkiln's log lines appear: data, tokenizer, "before" check, first evaluation."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.marks: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.marks.append((time.perf_counter(), record.getMessage()[:60]))
+
+    def seconds_after(self, started: float, prefix: str) -> float | None:
+        return next((t - started for t, m in self.marks if m.startswith(prefix)), None)
+
+    def phases(self, started: float) -> list[list]:
+        """(seconds since the start, message) up to the first training step."""
+        out = []
+        for t, message in self.marks:
+            out.append([round(t - started, 1), message])
+            if message.startswith("eval step 0"):
+                break
+        return out
+
+
 def run_lmkiln(train, test, budget: float, work: Path, beams: int) -> dict:
     from lmkiln.config import load_config
     from lmkiln.data.formats import read_records
@@ -102,15 +125,20 @@ def run_lmkiln(train, test, budget: float, work: Path, beams: int) -> dict:
             "log.plot=false",
         ],
     )
+    marks = PhaseMarks()
+    logging.getLogger("lmkiln").addHandler(marks)
     started = time.perf_counter()
     result = finetune(cfg)
     wall = time.perf_counter() - started
+    logging.getLogger("lmkiln").removeHandler(marks)
     records = read_records(test_file, cfg.finetune)
     out = {
         "steps": result.fit.state.step,
         "train_seconds": result.fit.state.train_seconds,
         "wall_seconds": wall,
         "startup_seconds": wall - result.fit.state.train_seconds,
+        "seconds_to_first_step": marks.seconds_after(started, "eval step 0"),
+        "phases_s": marks.phases(started),
         "stop_reason": result.fit.stop_reason,
         "val_loss": result.fit.last_eval.get("val_loss"),
     }
