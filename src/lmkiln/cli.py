@@ -853,7 +853,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune = _config_parser(
         "finetune", "fine-tune a trained model on a task file (default recipe: sft-FORMAT)", sub
     )
-    finetune.add_argument("--base", help="the model to fine-tune: an lmkiln run directory (finetune.base)")
+    finetune.add_argument(
+        "--base", help="the model to fine-tune: an lmkiln run directory, or scratch (finetune.base)"
+    )
     finetune.add_argument("--data", help="training examples: .jsonl, .csv or .parquet (finetune.data)")
     finetune.add_argument(
         "--format",
