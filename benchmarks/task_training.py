@@ -217,6 +217,64 @@ def hf_trainer_run(examples, steps: int) -> tuple[Timed, list[int]]:
     return timed, [int(b["attention_mask"].sum()) for b in batches]
 
 
+def alternating_paths(examples, steps: int, warmup: int = 2) -> dict[str, float]:
+    """Real tokens/s of each batch path on ONE model and optimizer, the paths alternating step by
+    step (order flipped every step): the comparison that load on a shared machine moves least.
+
+    pretrain-windows: 16 random windows of 128 tokens; masked-random: the pre-issue-15 batches;
+    nomask-random: no mask, random order; nomask-grouped: no mask, length-grouped (lmkiln's path).
+    """
+    from lmkiln.config import load_config
+    from lmkiln.data.loader import EpochBatches
+    from lmkiln.data.task_examples import padded_collate
+    from lmkiln.tasks.pretrain import build_transformer
+
+    cfg = load_config(overrides=SHAPE.lmkiln_overrides())
+    model = build_transformer(cfg.model, torch.device("cpu"), 0, False, cfg.train.cpu_matmul)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    lengths = [len(e.input_ids) for e in examples]
+    random_order = EpochBatches(len(examples), BATCH, BATCH, 0)
+    grouped_order = EpochBatches(len(examples), BATCH, BATCH, 0, lengths=lengths)
+    fast, masked = padded_collate(examples, 0), masked_collate(examples, 0)
+    generator = torch.Generator().manual_seed(0)
+
+    def timed_step(batch: dict, keys: tuple[str, ...]) -> float:
+        inputs = {k: batch[k] for k in keys}
+        start = time.perf_counter()
+        loss = model(batch["input_ids"], targets=batch["labels"], **inputs) / 1000
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    totals: dict[str, list[float]] = {}
+    for step in range(steps):
+        rand, grouped = next(random_order), next(grouped_order)
+        window = torch.randint(0, SHAPE.vocab_size, (BATCH // 2, ROW + 1), generator=generator)
+        paths = [
+            (
+                "pretrain-windows",
+                {"input_ids": window[:, :-1], "labels": window[:, 1:]},
+                (),
+                ROW * BATCH // 2,
+            ),
+            (
+                "masked-random",
+                masked(rand),
+                ("attention_mask", "position_ids"),
+                sum(lengths[i] for i in rand),
+            ),
+            ("nomask-random", fast(rand), (), sum(lengths[i] for i in rand)),
+            ("nomask-grouped", fast(grouped), (), sum(lengths[i] for i in grouped)),
+        ]
+        for name, batch, keys, tokens in paths[:: 1 if step % 2 else -1]:
+            seconds = timed_step(batch, keys)
+            if step >= warmup:
+                total = totals.setdefault(name, [0.0, 0.0])
+                total[0], total[1] = total[0] + seconds, total[1] + tokens
+    return {name: tokens / seconds for name, (seconds, tokens) in totals.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=12)
@@ -224,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", default="", help="candidates, comma-separated (default: all)")
     parser.add_argument("--json", default="")
+    parser.add_argument(
+        "--alternate", type=int, default=0, help="also N steps of the per-step alternation of batch paths"
+    )
     args = parser.parse_args(argv)
     from lmkiln.config import load_config
     from lmkiln.model.transformer import training_flops_per_token
@@ -241,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         "transformers-trainer": lambda: hf_trainer_run(examples, args.steps),
     }
     chosen = [c for c in candidates if not args.only or c in args.only.split(",")]
+    chosen = [] if args.only == "none" else chosen
     peak = matmul_peak(torch.device("cpu"))
     rates: dict[str, list[float]] = {c: [] for c in chosen}
     for _ in range(args.rounds):
@@ -269,6 +331,16 @@ def main(argv: list[str] | None = None) -> int:
             report["padded_mfu_vs_pretrain_mfu"] = (
                 base["lmkiln-padded"]["mfu"] / base["lmkiln-pretrain"]["mfu"]
             )
+    if args.alternate:
+        rates = alternating_paths(examples, args.alternate)
+        pretrain_mfu = rates["pretrain-windows"] * pretrain_flops
+        report["per_step_alternation"] = {
+            "real_tokens_per_s": rates,
+            "nomask_grouped_vs_masked_random": rates["nomask-grouped"] / rates["masked-random"],
+            "mfu_vs_pretrain": {
+                k: v * flops / pretrain_mfu for k, v in rates.items() if k != "pretrain-windows"
+            },
+        }
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
