@@ -94,7 +94,7 @@ def test_bad_widths_are_one_line(tmp_path):
 
 
 def test_beam_search_equals_transformers_on_the_exported_weights(tmp_path):
-    """The same hypotheses as `generate(num_beams=4, early_stopping="never")` of the HF export."""
+    """The same hypotheses as `generate(num_beams=4)` of the HF export, with either stopping rule."""
     pytest.importorskip("transformers")
     from finetune_helpers import tokenizer
     from transformers import AutoModelForCausalLM
@@ -115,14 +115,14 @@ def test_beam_search_equals_transformers_on_the_exported_weights(tmp_path):
         export_model(model, tok, tmp_path / str(seed))
         hf = AutoModelForCausalLM.from_pretrained(tmp_path / str(seed)).eval()
         for prompt in ([5, 9, 20], [40, 41]):
-            for penalty in (1.0, 0.0):
-                ours = beam_search_ids(model, prompt, 4, 10, tok.eos_id, penalty)
+            for penalty, exhaustive in itertools.product((1.0, 0.0), (True, False)):
+                ours = beam_search_ids(model, prompt, 4, 10, tok.eos_id, penalty, exhaustive)
                 out = hf.generate(
                     torch.tensor([prompt]), num_beams=4, max_new_tokens=10, do_sample=False,
-                    length_penalty=penalty, early_stopping="never", eos_token_id=tok.eos_id,
-                    pad_token_id=tok.eos_id,
+                    length_penalty=penalty, early_stopping="never" if exhaustive else False,
+                    eos_token_id=tok.eos_id, pad_token_id=tok.eos_id,
                 )  # fmt: skip
                 theirs = out[0, len(prompt) :].tolist()
                 while theirs and theirs[-1] == tok.eos_id:
                     theirs.pop()
-                assert ours.tokens == theirs, (seed, prompt, penalty)
+                assert ours.tokens == theirs, (seed, prompt, penalty, exhaustive)

@@ -6,8 +6,10 @@
 A hypothesis ends at EOS (or at max_new_tokens) and is scored by its summed log-probability over
 `length ** length_penalty`, its length counting the EOS: 1.0 is the plain mean, 0 the raw sum
 (which favours short outputs), and larger values favour longer ones. The search stops only
-when no running beam can still beat the k-th finished hypothesis, so with enough beams it
-returns the exact best sequence (tests check this against brute force); one beam is greedy.
+when no running beam can beat the k-th finished hypothesis — at its current length by default
+(transformers' heuristic), or at any reachable length with exhaustive=True, which with enough
+beams returns the exact best sequence (tests check both against brute force and transformers).
+One beam is greedy.
 """
 
 from __future__ import annotations
@@ -50,8 +52,15 @@ def beam_search_ids(
     max_new_tokens: int,
     eos_id: int | None,
     length_penalty: float = 1.0,
+    exhaustive: bool = False,
 ) -> Hypothesis:
-    """The best continuation of one prompt under beam search of width `beams`."""
+    """The best continuation of one prompt under beam search of width `beams`.
+
+    exhaustive=False stops once the best live beam, scored at its current length, cannot beat
+    the k-th finished hypothesis (transformers' default, `early_stopping=False`); True waits until
+    no live beam could win at any reachable length (`early_stopping="never"`), which with a
+    positive length penalty usually means running to max_new_tokens.
+    """
     check_beams(beams)
     if not prompt:
         raise LmkilnError("every prompt needs at least one token")
@@ -84,7 +93,8 @@ def beam_search_ids(
             if len(rows) == beams:
                 break
         finished = sorted(finished, key=lambda h: h.score, reverse=True)[:beams]
-        if not rows or _done(finished, new_scores[0], beams, step + 1, steps, length_penalty):
+        horizon = steps if exhaustive else step + 1
+        if not rows or _done(finished, new_scores[0], beams, step + 1, horizon, length_penalty):
             break
         order = torch.tensor(rows, device=device)  # the cache follows its beams (rows may repeat)
         cache.keys = [k.index_select(0, order) for k in cache.keys]
@@ -98,16 +108,16 @@ def beam_search_ids(
 
 
 def _done(
-    finished: list[Hypothesis], best_running: float, beams: int, length: int, steps: int, penalty: float
+    finished: list[Hypothesis], best_running: float, beams: int, length: int, horizon: int, penalty: float
 ) -> bool:
     """True when no running beam can still enter the top `beams` finished hypotheses.
 
     A running beam's summed log-probability only falls; its best possible normalised score is that
-    sum over the most favourable length still reachable (the longest when penalty > 0).
+    sum over the most favourable length up to `horizon` (the longest when penalty > 0).
     """
     if len(finished) < beams:
         return False
-    reachable = steps if penalty > 0 else length + 1
+    reachable = horizon if penalty > 0 else length + 1
     return _score(best_running, reachable, penalty) <= finished[-1].score
 
 
