@@ -94,7 +94,7 @@ class PhaseMarks(logging.Handler):
         out = []
         for t, message in self.marks:
             out.append([round(t - started, 1), message])
-            if message.startswith("eval step 0"):
+            if message.startswith("first step"):
                 break
         return out
 
@@ -125,19 +125,31 @@ def run_lmkiln(train, test, budget: float, work: Path, beams: int) -> dict:
             "log.plot=false",
         ],
     )
+    from lmkiln.train.loop import TrainLoop
+
     marks = PhaseMarks()
     logging.getLogger("lmkiln").addHandler(marks)
+    run_steps = TrainLoop._run
+
+    def marked_run(loop: TrainLoop) -> str:  # the loop's steps start here, after its first evaluation
+        marks.emit(logging.makeLogRecord({"msg": "first step"}))
+        return run_steps(loop)
+
+    TrainLoop._run = marked_run
     started = time.perf_counter()
-    result = finetune(cfg)
+    try:
+        result = finetune(cfg)
+    finally:
+        TrainLoop._run = run_steps
+        logging.getLogger("lmkiln").removeHandler(marks)
     wall = time.perf_counter() - started
-    logging.getLogger("lmkiln").removeHandler(marks)
     records = read_records(test_file, cfg.finetune)
     out = {
         "steps": result.fit.state.step,
         "train_seconds": result.fit.state.train_seconds,
         "wall_seconds": wall,
         "startup_seconds": wall - result.fit.state.train_seconds,
-        "seconds_to_first_step": marks.seconds_after(started, "eval step 0"),
+        "seconds_to_first_step": marks.seconds_after(started, "first step"),
         "phases_s": marks.phases(started),
         "stop_reason": result.fit.stop_reason,
         "val_loss": result.fit.last_eval.get("val_loss"),
