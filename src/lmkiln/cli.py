@@ -12,9 +12,91 @@ import shlex
 import sys
 from collections.abc import Callable
 
-from lmkiln.errors import Interrupted, LmkilnError
+from lmkiln.errors import Interrupted, LmkilnError, describe_os_error
+from lmkiln.files import cleanup_on_failure
 
 log = logging.getLogger("lmkiln")
+
+
+# --------------------------------------------------------------------------------------------
+# Flag values: checked when the command line is parsed, so a bad one is one line, not a traceback
+# from deep inside (or, worse, silently accepted: `--top-p 2`, `eval --limit -3`).
+
+
+class _UsageError(LmkilnError):
+    """A flag argparse refused; printed as one line with a pointer to the command's --help."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the whole usage block and exit
+        raise _UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):
+    """An argparse type: `kind` (int or float) in [low, high] ((low, high] with low_open)."""
+    if low is None:
+        what = "any number"
+    elif high is None:
+        what = f"{'greater than' if low_open else 'at least'} {low:g}"
+    else:
+        what = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if value != value or (low is not None and (value <= low if low_open else value < low)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+COUNT = _number(int, 1)
+"""A size or count of at least 1."""
+NON_NEGATIVE_INT = _number(int, 0)
+"""0 or more (0 usually means 'no limit' or 'derive it')."""
+
+
+def _device(text: str) -> str:
+    """cpu, cuda, cuda:N or mps, available on this machine."""
+    import re
+
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {text!r}")
+    if text.startswith("cuda") or text == "mps":
+        import torch
+
+        if text.startswith("cuda") and not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA device is available; use --device cpu")
+        if text.startswith("cuda:") and int(text[5:]) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+        if text == "mps" and not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError("mps is not available; use --device cpu")
+    return text
+
+
+def _cutoffs(text: str) -> tuple[int, ...]:
+    """--k: comma-separated positive cut-offs, e.g. 1,5,10."""
+    parse = _number(int, 1)
+    try:
+        values = tuple(sorted({parse(k.strip()) for k in text.split(",") if k.strip()}))
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"comma-separated positive integers, e.g. 1,5,10: {err}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one cut-off, e.g. 1,5,10")
+    return values
+
+
+def _no_extra(extra: list[str]) -> None:
+    if extra:
+        raise LmkilnError(f"unexpected arguments: {_quote(extra)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,6 +166,7 @@ def _quote(args: list[str]) -> str:
 
 
 def cmd_recipes(args: argparse.Namespace, extra: list[str]) -> int:
+    _no_extra(extra)
     from lmkiln.config import recipe_names, recipe_summary
 
     names = recipe_names()
@@ -94,6 +177,7 @@ def cmd_recipes(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_presets(args: argparse.Namespace, extra: list[str]) -> int:
+    _no_extra(extra)
     from lmkiln.config import MODEL_PRESETS, ModelConfig
     from lmkiln.model.transformer import matmul_parameters
 
@@ -119,7 +203,9 @@ def cmd_tokenizer_train(args: argparse.Namespace, extra: list[str]) -> int:
         return 0
     report = build_tokenizer(cfg)
     tokenizer = report.tokenizer
-    out = tokenizer.save(args.out)
+    from lmkiln.files import make_output_dir
+
+    out = tokenizer.save(make_output_dir(args.out))
     how = "from cache" if report.cached else f"trained in {report.seconds:.2f} s"
     print(f"tokenizer: {cfg.tokenizer.kind}, {tokenizer.vocab_size} tokens ({how}) → {out}/tokenizer.json")
     print(
@@ -495,10 +581,11 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
     flags = ["task=finetune"]
-    for key in ("base", "data", "format", "method"):
+    for key in ("base", "data", "format", "method", "objective"):
         if getattr(args, key):
             flags.append(f"finetune.{key}={getattr(args, key)}")
-    cfg = _load(args, [*extra, *flags], default_recipe=f"sft-{args.format or 'instruction'}")
+    recipe = "preference" if args.format == "preference" else f"sft-{args.format or 'instruction'}"
+    cfg = _load(args, [*extra, *flags], default_recipe=recipe)
     _run_task(cfg, args)
     return 0
 
@@ -506,6 +593,12 @@ def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from pathlib import Path
 
+    if bool(args.task) == bool(args.harness):
+        raise LmkilnError(
+            "lmkiln eval needs --task TASK (a task file) or --harness TASKS (lm-eval), not both"
+        )
+    if args.harness:
+        return _eval_harness(args, extra)
     from lmkiln.eval.runner import evaluate_run, write_result
 
     result = evaluate_run(
@@ -528,6 +621,38 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         print(f"{args.task} on {args.data}: {result.examples} examples in {result.seconds:.1f} s")
     print(result.table())
+    print(f"results: {out}")
+    return 0
+
+
+def _eval_harness(args: argparse.Namespace, extra: list[str]) -> int:
+    import json
+    from pathlib import Path
+
+    if extra:
+        raise LmkilnError(f"unexpected arguments: {_quote(extra)}")
+    if args.include and not Path(args.include).exists():
+        raise LmkilnError(f"--include {args.include}: no such task file or directory")
+    try:
+        from lm_eval.utils import make_table
+
+        from lmkiln.eval.harness import run_harness
+    except ImportError:
+        raise LmkilnError("--harness needs lm-evaluation-harness: pip install 'lmkiln[harness]'") from None
+    tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
+    results = run_harness(
+        args.run_dir,
+        tasks,
+        include=args.include,
+        limit=args.limit or None,
+        batch_size=args.batch_size,
+        device=args.device,
+        num_fewshot=args.num_fewshot,
+    )
+    out = Path(args.out) if args.out else Path(args.run_dir) / "eval-harness.json"
+    kept = {k: results[k] for k in ("results", "versions", "n-shot", "config") if k in results}
+    out.write_text(json.dumps(kept, indent=1, default=str), encoding="utf-8")
+    print(make_table(results))
     print(f"results: {out}")
     return 0
 
@@ -639,7 +764,7 @@ def _read_texts(path: str, field: str, id_field: str | None) -> tuple[list[str],
 
         docs = [d for d in iter_documents(path, text_unit="line")]
         return [d.text for d in docs], [int(d.key.rsplit(":", 1)[1]) for d in docs]
-    rows = read_jsonl(path, (field,), optional=(id_field,) if id_field else ())
+    rows = read_jsonl(path, (field,), optional=(id_field,) if id_field else (), flags={field: "--field"})
     ids = [row.get(id_field, row["_line"]) if id_field else row["_line"] for row in rows]
     return [require_text(row, field, path) for row in rows], ids
 
@@ -648,8 +773,9 @@ def cmd_embed(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise LmkilnError(f"unexpected arguments: {_quote(extra)}")
     from lmkiln.encoders.model import load_encoder
-    from lmkiln.encoders.retrieval import embed_texts, write_embeddings
+    from lmkiln.encoders.retrieval import check_embeddings_path, embed_texts, write_embeddings
 
+    check_embeddings_path(args.out)
     texts, ids = _read_texts(args.data, args.field, args.id_field)
     loaded = load_encoder(args.model, pooling=args.pooling)
     max_length = args.max_length or loaded.meta.get("max_length", 128)
@@ -673,11 +799,15 @@ def cmd_eval_retrieval(args: argparse.Namespace, extra: list[str]) -> int:
     from lmkiln.encoders.model import load_encoder
     from lmkiln.encoders.retrieval import evaluate_pairs
 
-    rows = read_jsonl(args.pairs, (args.query_field, args.positive_field))
+    rows = read_jsonl(
+        args.pairs,
+        (args.query_field, args.positive_field),
+        flags={args.query_field: "--query-field", args.positive_field: "--positive-field"},
+    )
     queries = [require_text(r, args.query_field, args.pairs) for r in rows]
     positives = [require_text(r, args.positive_field, args.pairs) for r in rows]
     loaded = load_encoder(args.model, pooling=args.pooling)
-    ks = tuple(sorted({int(k) for k in args.k.split(",") if k}))
+    ks = args.k
     found = evaluate_pairs(
         loaded.model,
         loaded.tokenizer,
@@ -734,9 +864,12 @@ def _add_interop_commands(sub: argparse._SubParsersAction) -> None:
             "--pooling", choices=["mean", "cls"], help="default: what the model saved, else mean"
         )
         parser.add_argument(
-            "--max-length", type=int, default=0, help="tokens per text (default: saved, else 128)"
+            "--max-length",
+            type=NON_NEGATIVE_INT,
+            default=0,
+            help="tokens per text (default: saved, else 128)",
         )
-        parser.add_argument("--batch-size", type=int, default=32)
+        parser.add_argument("--batch-size", type=COUNT, default=32)
 
     embed = sub.add_parser("embed", help="write sentence embeddings of texts", allow_abbrev=False)
     encoder_options(embed)
@@ -757,17 +890,19 @@ def _add_interop_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--pairs", required=True, help="JSONL with a query and a positive per line")
     evaluate.add_argument("--query-field", default="query")
     evaluate.add_argument("--positive-field", default="positive")
-    evaluate.add_argument("--k", default="1,5,10", help="comma-separated cut-offs for recall@k")
+    evaluate.add_argument(
+        "--k", type=_cutoffs, default=(1, 5, 10), help="comma-separated cut-offs for recall@k"
+    )
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(func=cmd_eval_retrieval)
 
 
-def _sampling_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens per answer at most")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
+def _sampling_options(parser: argparse.ArgumentParser, max_new_tokens_help: str | None = None) -> None:
+    parser.add_argument("--max-new-tokens", type=COUNT, default=200, help=max_new_tokens_help)
+    parser.add_argument("--temperature", type=_number(float, 0), default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=NON_NEGATIVE_INT, default=0, help="0 = no top-k filter")
+    parser.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=1.0)
+    parser.add_argument("--seed", type=NON_NEGATIVE_INT, default=None)
     parser.add_argument("--stop", action="append", help="stop string (repeatable)")
 
 
@@ -785,9 +920,9 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
     chat.add_argument("run_dir", help=model_help)
     chat.add_argument("--mode", choices=["auto", "chat", "completion"], default="auto", help=mode_help)
     chat.add_argument("--system", help="system message to start with")
-    _sampling_options(chat)
-    chat.add_argument("--device", default="cpu")
-    chat.add_argument("--max-context", type=int, default=4096, help=context_help)
+    _sampling_options(chat, "tokens per answer at most")
+    chat.add_argument("--device", type=_device, default="cpu")
+    chat.add_argument("--max-context", type=NON_NEGATIVE_INT, default=4096, help=context_help)
     chat.set_defaults(func=cmd_chat)
 
     serve = sub.add_parser(
@@ -801,21 +936,24 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to bind; other than loopback needs --api-key"
     )
-    serve.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
+    serve.add_argument("--port", type=_number(int, 0, 65535), default=8000, help="port (0 picks a free one)")
     serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $LMKILN_API_KEY)")
     serve.add_argument("--model-name", help="model id in the API (default: the directory name)")
     serve.add_argument("--mode", choices=["auto", "chat", "completion"], default="auto", help=mode_help)
-    serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most")
-    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting at most (429 beyond)")
+    serve.add_argument("--max-batch", type=COUNT, default=8, help="requests decoded together at most")
+    serve.add_argument("--max-queue", type=COUNT, default=64, help="requests waiting at most (429 beyond)")
     serve.add_argument(
-        "--max-tokens", type=int, default=0, help="tokens per request at most (0: the context)"
+        "--max-tokens", type=NON_NEGATIVE_INT, default=0, help="tokens per request at most (0: the context)"
     )
     serve.add_argument(
-        "--max-prompt-tokens", type=int, default=0, help="prompt tokens at most (0: the context minus one)"
+        "--max-prompt-tokens",
+        type=NON_NEGATIVE_INT,
+        default=0,
+        help="prompt tokens at most (0: the context minus one)",
     )
-    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size at most")
-    serve.add_argument("--device", default="cpu")
-    serve.add_argument("--max-context", type=int, default=4096, help=context_help)
+    serve.add_argument("--max-body-bytes", type=COUNT, default=1 << 20, help="request body size at most")
+    serve.add_argument("--device", type=_device, default="cpu")
+    serve.add_argument("--max-context", type=NON_NEGATIVE_INT, default=4096, help=context_help)
     serve.set_defaults(func=cmd_serve)
 
 
@@ -824,7 +962,7 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lmkiln",
         allow_abbrev=False,
         description="Build language models from scratch and fine-tune them.",
@@ -846,12 +984,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="delete an existing run directory and start over"
     )
     train.add_argument(
-        "--nproc", type=int, default=0, help="launch N processes with torchrun on this machine"
+        "--nproc", type=COUNT, default=None, help="launch N processes with torchrun on this machine"
     )
     train.set_defaults(func=cmd_train)
 
     finetune = _config_parser(
-        "finetune", "fine-tune a trained model on a task file (default recipe: sft-FORMAT)", sub
+        "finetune",
+        "fine-tune a trained model on a task file (default recipe: sft-FORMAT, or preference)",
+        sub,
     )
     finetune.add_argument(
         "--base", help="the model to fine-tune: an lmkiln run directory, or scratch (finetune.base)"
@@ -859,10 +999,15 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--data", help="training examples: .jsonl, .csv or .parquet (finetune.data)")
     finetune.add_argument(
         "--format",
-        choices=["instruction", "chat", "translation", "summarization", "qa", "classification"],
-        help="task format of the rows (default instruction)",
+        choices=["instruction", "chat", "translation", "summarization", "qa", "classification", "preference"],
+        help="task format of the rows (default instruction; preference: prompt, chosen, rejected)",
     )
     finetune.add_argument("--method", choices=["full", "freeze", "lora"], help="what to train (default full)")
+    finetune.add_argument(
+        "--objective",
+        choices=["sft", "dpo", "orpo"],
+        help="what is minimised (finetune.objective): sft, or dpo/orpo for --format preference",
+    )
     finetune.add_argument(
         "--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint"
     )
@@ -872,7 +1017,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser(
         "eval",
-        help="task metrics of a trained run on a task file",
+        help="task metrics of a trained run on a task file, or lm-evaluation-harness tasks (--harness)",
         description="Task metrics of a run on a task file; extra section.key=VALUE arguments override the "
         "run's finetune settings (e.g. finetune.fields output=completion).",
         allow_abbrev=False,
@@ -882,9 +1027,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         help="task file: .jsonl, .csv or .parquet (not for memorization: it reads the run's canaries)",
     )
+    what = evaluate.add_mutually_exclusive_group(required=True)  # a task file's metric, or lm-eval tasks
+    what.add_argument(
+        "--harness",
+        metavar="TASKS",
+        help="run lm-evaluation-harness tasks (comma-separated names from its registry or --include)",
+    )
+    evaluate.add_argument("--include", metavar="PATH", help="--harness: a directory of local task YAMLs")
     evaluate.add_argument(
+        "--num-fewshot", type=NON_NEGATIVE_INT, help="--harness: few-shot examples per prompt"
+    )
+    what.add_argument(
         "--task",
-        required=True,
         choices=[
             "instruction",
             "chat",
@@ -892,25 +1046,28 @@ def build_parser() -> argparse.ArgumentParser:
             "summarization",
             "qa",
             "classification",
+            "preference",
             "perplexity",
             "memorization",
         ],
     )
     evaluate.add_argument(
         "--candidates",
-        type=int,
+        type=COUNT,
         default=2000,
         help="memorization: random candidates each canary is ranked among",
     )
-    evaluate.add_argument("--max-new-tokens", type=int, default=64)
+    evaluate.add_argument("--max-new-tokens", type=COUNT, default=64)
     evaluate.add_argument("--beams", type=int, default=1, help="beam search width (1 = greedy)")
     evaluate.add_argument(
         "--length-penalty", type=float, default=1.0, help="beam search: score = log-prob / length**this"
     )
-    evaluate.add_argument("--batch-size", type=int, default=16)
-    evaluate.add_argument("--limit", type=int, default=0, help="evaluate the first N examples only")
+    evaluate.add_argument("--batch-size", type=COUNT, default=16)
+    evaluate.add_argument(
+        "--limit", type=NON_NEGATIVE_INT, default=0, help="evaluate the first N examples only (0 = all)"
+    )
     evaluate.add_argument("--out", help="results JSON (default RUN_DIR/eval-TASK.json)")
-    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--device", type=_device, default="cpu")
     evaluate.set_defaults(func=cmd_eval)
 
     sub.add_parser("recipes", help="list the built-in recipes").set_defaults(func=cmd_recipes)
@@ -936,7 +1093,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument(
         "--eval", nargs="+", metavar="FILE", help="evaluation files (.jsonl/.csv/.parquet/.txt)"
     )
-    audit.add_argument("--ngram", type=int, default=13, help="contamination: words per n-gram (GPT-3: 13)")
+    audit.add_argument("--ngram", type=COUNT, default=13, help="contamination: words per n-gram (GPT-3: 13)")
     audit.add_argument(
         "--decontaminate", metavar="DIR", help="write each eval file without contaminated examples"
     )
@@ -952,13 +1109,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate = sub.add_parser("generate", help="sample text from a trained run", allow_abbrev=False)
     generate.add_argument("run_dir", help="run directory (or one of its checkpoints)")
     generate.add_argument("--prompt", action="append", help="prompt text (repeat for several)")
-    generate.add_argument("--max-new-tokens", type=int, default=200)
-    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    generate.add_argument("--top-k", type=int, default=0)
-    generate.add_argument("--top-p", type=float, default=1.0)
-    generate.add_argument("--seed", type=int, default=None)
-    generate.add_argument("--stop", action="append", help="stop string (repeatable)")
-    generate.add_argument("--device", default="cpu")
+    _sampling_options(generate)
+    generate.add_argument("--device", type=_device, default="cpu")
     generate.add_argument("--beams", type=int, default=1, help="beam search width (>1 ignores sampling)")
     generate.add_argument(
         "--length-penalty", type=float, default=1.0, help="beam search: score = log-prob / length**this"
@@ -995,6 +1147,15 @@ def _setup_logging(debug: bool) -> None:
     )
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def normalize_argv(argv: list[str]) -> list[str]:
     """Accept `--debug` anywhere (argparse wants it before the subcommand)."""
     if "--debug" in argv[1:]:
@@ -1009,20 +1170,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if not argv or argv == ["--debug"]:
         argv = [*argv, "--help"]
-    args, extra = parser.parse_known_args(argv)
-    func: Callable | None = getattr(args, "func", None)
-    if func is None:
-        parser.print_help()
-        return 2
     try:
-        return func(args, extra)
+        args, extra = parser.parse_known_args(argv)
+        func: Callable | None = getattr(args, "func", None)
+        if func is None:
+            parser.print_help()
+            return 2
+        with cleanup_on_failure():  # a failing command leaves nothing half-written behind
+            return func(args, extra)
     except _HelpShown:
         return 0
+    except BrokenPipeError:  # `lmkiln recipes | head -1`: the reader left; nothing to report
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by a broken pipe
     except LmkilnError as err:
         if debug:
             raise
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # the file-system mistakes a user can make: full, read-only, missing, ...
+        if debug:
+            raise
+        print(f"error: {describe_os_error(err)}", file=sys.stderr)
+        return LmkilnError.exit_code
     except Interrupted as err:
         where = f"; checkpoint {err.checkpoint}" if err.checkpoint else ""
         print(f"{err}{where}. Continue with the same command plus --resume auto", file=sys.stderr)

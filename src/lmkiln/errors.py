@@ -7,6 +7,8 @@ it as one line and exits with code 2; tracebacks are reserved for bugs (and `--d
 
 from __future__ import annotations
 
+import errno
+
 
 class LmkilnError(Exception):
     """A problem with the user's input, reported as one clear line (exit code 2)."""
@@ -22,3 +24,28 @@ class Interrupted(Exception):
 
         super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}")
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+_OS_ERROR_ADVICE = {
+    errno.ENOSPC: "free some space or write somewhere else",
+    errno.EDQUOT: "free some space or write somewhere else",
+    errno.EROFS: "write somewhere else",
+    errno.EACCES: "you lack permission; choose a path you can write (or read)",
+    errno.EPERM: "you lack permission; choose a path you can write (or read)",
+    errno.ENOENT: "check the path",
+    errno.EEXIST: "remove it or choose another path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory; choose another path",
+    errno.EISDIR: "it is a directory; give a file path",
+    errno.ENOTEMPTY: "the directory is not empty; empty it or choose another path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.EMFILE: "too many open files; raise the limit (ulimit -n)",
+}
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for a file-system error the user can fix: what failed, on which path, what to do."""
+    paths = " → ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    reason = err.strerror or str(err)
+    advice = _OS_ERROR_ADVICE.get(err.errno, "")
+    line = f"{paths}: {reason}" if paths else reason
+    return f"{line}; {advice}" if advice else line

@@ -10,10 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
+
+
+def naming(err: OSError, path: str | Path) -> OSError:
+    """`err` with `path` as its file name when it has none (a failed write() names no file), so
+    the one-line message can say where the disk was full."""
+    if err.filename is not None:
+        return err
+    return type(err)(err.errno, err.strerror or str(err), str(path))
 
 
 def fsync_file(path: Path) -> None:
@@ -52,6 +60,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         fsync_file(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise naming(err, path) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -74,9 +85,9 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
-    except OSError:
+    except OSError as err:
         if not path.is_dir():
-            raise
+            raise naming(err, path) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     fsync_dir(path.parent)
@@ -94,3 +105,77 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
 
 def write_json_atomic(path: str | Path, value: Any, indent: int = 1) -> Path:
     return write_atomic(path, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Undo on failure: what a failing command had started is removed, so nothing is left half-written.
+# The CLI wraps each command in `cleanup_on_failure()`; library code registers undo steps with
+# `on_failure` (a no-op outside such a block, e.g. when the library is used from Python).
+
+_undo_stack: list[list[Callable[[], None]]] = []
+
+
+def on_failure(undo: Callable[[], None]) -> None:
+    """Run `undo` if the current command fails (in reverse order of registration)."""
+    if _undo_stack:
+        _undo_stack[-1].append(undo)
+
+
+@contextmanager
+def cleanup_on_failure() -> Iterator[None]:
+    """Run the registered undo steps when the block raises (any exception, Ctrl-C included)."""
+    _undo_stack.append([])
+    try:
+        yield
+    except BaseException as err:
+        if isinstance(err, SystemExit) and err.code in (0, None):
+            raise  # a successful early exit, not a failure
+        for undo in reversed(_undo_stack[-1]):
+            with suppress(OSError):  # best effort: the original error is what the user needs to see
+                undo()
+        raise
+    finally:
+        _undo_stack.pop()
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or a directory tree, if it exists."""
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def make_output_dir(path: str | Path, keep: Callable[[Path], bool] = lambda path: False) -> Path:
+    """Create `path` (and missing parents); if the command then fails, remove what was created
+    here (or, for a directory that was empty, what was put in it), unless `keep(path)` says it
+    now holds something worth keeping (e.g. a checkpoint)."""
+    path = Path(path)
+    created = path
+    while not created.parent.exists() and created.parent != created:
+        created = created.parent
+    was_empty = path.is_dir() and not any(path.iterdir())
+    existed = path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+
+    def undo() -> None:
+        if keep(path):
+            return
+        if not existed:
+            remove_path(created)
+        elif was_empty:
+            for child in path.iterdir():
+                remove_path(child)
+
+    if not existed or was_empty:
+        on_failure(undo)
+    return path
+
+
+def remove_on_failure(path: str | Path) -> None:
+    """Remove `path` if the command fails and it did not exist before (an output being written)."""
+    path = Path(path)
+    if not path.exists():
+        on_failure(lambda: remove_path(path))

@@ -1,8 +1,10 @@
 """Typed configuration: the schema (one dataclass per section) and how a config is resolved.
 
 schema.py   the sections, their fields with docstrings, model presets, cross-field rules
-layers.py   defaults → recipe → --config FILE → command line; coercion, errors, YAML, help
-resolve.py  what a run derives, once: the batch plan and a resolved copy of the config
+layers.py   defaults → recipe → --config FILE → command line; coercion, errors, YAML, help; the
+            source of each value (who set it)
+resolve.py  what a run derives, once: the batch plan, a resolved copy of the config, and the
+            fine-tuning defaults that follow the method (with notes saying why)
 """
 
 from lmkiln.config.layers import (
@@ -19,12 +21,15 @@ from lmkiln.config.layers import (
     recipe_names,
     recipe_summary,
     recipe_text,
+    record_sources,
+    set_by_user,
     to_dict,
     to_yaml,
     type_name,
     unknown_key_error,
+    value_sources,
 )
-from lmkiln.config.resolve import ResolvedConfig, resolve
+from lmkiln.config.resolve import METHOD_LR_SCALE, ResolvedConfig, method_defaults, resolve
 from lmkiln.config.schema import (
     MODEL_PRESETS,
     TASK_SECTIONS,
@@ -49,6 +54,7 @@ from lmkiln.config.schema import (
 )
 
 __all__ = [
+    "METHOD_LR_SCALE",
     "MODEL_PRESETS",
     "BatchPlan",
     "ResolvedConfig",
@@ -83,6 +89,10 @@ __all__ = [
     "recipe_names",
     "recipe_summary",
     "recipe_text",
+    "record_sources",
+    "method_defaults",
+    "set_by_user",
+    "value_sources",
     "to_dict",
     "to_yaml",
     "type_name",

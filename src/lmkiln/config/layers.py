@@ -205,6 +205,44 @@ Layer = tuple[str, dict[str, Any]]  # (where the values came from, dotted key ->
 
 
 STRICT_SOURCES = ("command line",)
+
+RECIPE_SOURCE_PREFIX = "recipe "
+"""How a built-in recipe's layer is named (`recipe sft-qa`): its values are shipped defaults, which
+method-aware resolution may adapt; values from --config, the command line or a saved run are the
+user's and never are (`lmkiln.config.resolve`)."""
+
+_SOURCES_ATTRIBUTE = "_value_sources"
+
+
+def record_sources(cfg: Any, sources: dict[str, str]) -> None:
+    """Remember where each dotted value of `cfg` came from (kept through copy.deepcopy).
+
+    Stored beside the dataclass fields, not as one: it is not configuration, is never saved, and a
+    Config built in Python simply has none.
+    """
+    object.__setattr__(cfg, _SOURCES_ATTRIBUTE, dict(sources))
+
+
+def value_sources(cfg: Any) -> dict[str, str] | None:
+    """Dotted key -> the layer that set it (keys left at the defaults are absent); None when the
+    config was not built from layers (made in Python), so nothing is known about who set what."""
+    sources = getattr(cfg, _SOURCES_ATTRIBUTE, None)
+    return dict(sources) if sources is not None else None
+
+
+def set_by_user(cfg: Any, key: str) -> bool:
+    """Whether `key` was set by the user: by --config, the command line, a saved run or in Python.
+
+    A default or a built-in recipe's value is not; a config without provenance counts every
+    value as the user's (nothing may be adapted behind the back of a caller who built it).
+    """
+    sources = value_sources(cfg)
+    if sources is None:
+        return True
+    source = sources.get(key)
+    return source is not None and not source.startswith(RECIPE_SOURCE_PREFIX)
+
+
 """Layers where any key of another task's section is an error; elsewhere (recipes, config files,
 a Config object given to the Trainer) such a key is ignored when it holds the default value, as
 the full configs lmkiln 0.1 saved do."""
@@ -243,6 +281,7 @@ def build_config(layers: list[Layer], config_cls: type = Config, check_sections:
     for key, value in resolved.items():
         _set(cfg, key, value)
     validate(cfg)
+    record_sources(cfg, {key: sources[key] for key in resolved})
     return cfg
 
 
@@ -341,7 +380,7 @@ def load_config(
     """Resolve a full config from a recipe name, a YAML file and command-line overrides."""
     layers: list[Layer] = []
     if recipe:
-        source, values = _yaml_layer(recipe_text(recipe), f"recipe {recipe}")
+        source, values = _yaml_layer(recipe_text(recipe), f"{RECIPE_SOURCE_PREFIX}{recipe}")
         values.setdefault("name", recipe)
         layers.append((source, values))
     if config_file:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from operator import attrgetter
 from typing import Any, Literal
 
+from lmkiln.config.ranges import check_ranges
 from lmkiln.errors import LmkilnError
 
 # --------------------------------------------------------------------------------------------
@@ -347,10 +347,10 @@ class FinetuneConfig:
     """Validation examples in the same format; empty holds out val_fraction of data instead."""
     val_fraction: float = 0.1
     """Share of the training examples held out for validation when val_data is empty (seeded by train.seed)."""
-    format: Literal["instruction", "chat", "translation", "summarization", "qa", "classification"] = (
-        "instruction"
-    )
-    """Task format of the rows; it fixes the required fields, the prompt template and the metric."""
+    format: Literal[
+        "instruction", "chat", "translation", "summarization", "qa", "classification", "preference"
+    ] = "instruction"
+    """Task format of the rows; it fixes the required fields, the prompt template and the metric (preference: prompt or messages, chosen, rejected)."""
     fields: list[str] = field(default_factory=list)
     """Field-name overrides as canonical=actual pairs, e.g. [output=completion, input=context]."""
     prompt: str = ""
@@ -395,6 +395,14 @@ class FinetuneConfig:
     """Upper bound on generated tokens per prompt in that check."""
     export_merged: bool = True
     """method=lora: also write the adapters merged into the base as a standalone model directory (run_dir/merged)."""
+    objective: Literal["sft", "dpo", "orpo"] = "sft"
+    """What is minimised: next-token loss on the targets (sft), or, for format=preference, DPO (against a reference) or ORPO (no reference)."""
+    beta: float = 0.1
+    """DPO: strength of the KL constraint to the reference (the reward scale); ORPO: weight of the odds-ratio term (TRL's beta)."""
+    label_smoothing: float = 0.0
+    """DPO: assumed share of flipped preference labels (conservative DPO); 0 is the plain sigmoid loss."""
+    reference: Literal["auto", "precomputed", "adapters_disabled"] = "auto"
+    """DPO's reference log-probabilities: computed once over the data before training (precomputed), or each step by the same model with its LoRA adapters disabled (needs method=lora); auto picks adapters_disabled for LoRA."""
 
 
 @dataclass
@@ -499,7 +507,8 @@ def parse_duration(text: str, key: str = "train.max_time") -> float:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a single field's type cannot express."""
+    """Every numeric key's declared range (`ranges.FIELD_RANGES`), then cross-field checks."""
+    check_ranges(cfg)
     m, t = cfg.model, cfg.train
     if m.d_model % m.n_head and not m.head_size:
         raise LmkilnError(f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
@@ -516,22 +525,14 @@ def validate(cfg: Config) -> None:
             f"train.seq_len ({t.seq_len}) is longer than the model's maximum context "
             f"model.block_size ({m.block_size}); lower train.seq_len or raise model.block_size"
         )
-    for key in (
-        "train.max_steps",
-        "train.batch_size",
-        "train.eval_every",
-        "train.save_every",
-        "train.log_every",
-        "model.n_layer",
-        "model.d_model",
-        "model.block_size",
-    ):
-        if attrgetter(key)(cfg) <= 0:
-            raise LmkilnError(f"config key '{key}' must be positive, got {attrgetter(key)(cfg)}")
     if t.max_time:
         parse_duration(t.max_time)
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise LmkilnError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    tab = cfg.table
+    if tab.val_fraction + tab.test_fraction >= 1:
+        raise LmkilnError(
+            f"table.val_fraction + table.test_fraction must be below 1 (rows are left to train on), "
+            f"got {tab.val_fraction} + {tab.test_fraction}"
+        )
     _validate_data_quality(cfg.data)
     batch_plan(t)  # one process: the batch must split into micro-batches
 

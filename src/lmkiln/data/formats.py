@@ -9,6 +9,9 @@ fields (renamed with `finetune.fields`, e.g. `output=completion`):
     summarization   document, summary
     qa              [context], question, answer (a string or a list of accepted answers)
     classification  text, label
+    preference      prompt, chosen, rejected   (DPO/ORPO: two replies to one prompt, the first preferred;
+                    or messages (a conversation ending with a user turn) instead of prompt, and
+                    chosen/rejected as strings or as [{role: assistant, content}], TRL's format)
 
 Every problem names the file and line (`data.jsonl:12: missing field 'output'`).
 """
@@ -69,7 +72,11 @@ FORMATS: dict[str, FormatSpec] = {
         "### Answer:\n",
     ),
     "classification": FormatSpec(("text",), (), "label", "text", "### Text:\n{{ text }}\n\n### Label:\n"),
+    # The prompt is used as written (finetune.prompt may wrap it); both replies follow it.
+    "preference": FormatSpec(("prompt",), (), "chosen", "prompt", "{{ prompt }}"),
 }
+REJECTED = "rejected"
+"""The second target field of the preference format (the dispreferred reply)."""
 
 CHAT_KEYS = ("role", "content")  # keys inside each message, renamable like fields
 
@@ -92,6 +99,8 @@ def field_names(cfg: FinetuneConfig) -> dict[str, str]:
     """canonical → actual column names, from `finetune.fields` (canonical=actual pairs)."""
     spec = FORMATS[cfg.format]
     known = {*spec.required, *spec.optional, spec.target, *(CHAT_KEYS if cfg.format == "chat" else ())}
+    if cfg.format == "preference":
+        known |= {REJECTED, "messages", *CHAT_KEYS}
     names = {name: name for name in known}
     for pair in cfg.fields:
         canonical, eq, actual = pair.partition("=")
@@ -161,6 +170,8 @@ def to_record(location: str, row: dict[str, Any], cfg: FinetuneConfig, names: di
     spec = FORMATS[cfg.format]
     if cfg.format == "chat":
         return Record(location, messages=_messages(row, names, location))
+    if cfg.format == "preference" and names["prompt"] not in row and names["messages"] in row:
+        return _chat_pair(row, names, location)
     values = {
         name: _text(_get(row, name, names, location, True), location, names[name]) for name in spec.required
     }
@@ -178,6 +189,8 @@ def to_record(location: str, row: dict[str, Any], cfg: FinetuneConfig, names: di
             f"{'label' if cfg.format == 'classification' else 'target text'}"
         )
     targets = _targets(raw_target, location, target_name)
+    if cfg.format == "preference":
+        targets = [targets[0], _rejected(row, names, location, targets[0])]
     if cfg.format == "classification" and cfg.labels and targets[0] not in cfg.labels:
         raise LmkilnError(
             f"{location}: label {targets[0]!r} is not in the declared label set "
@@ -195,6 +208,58 @@ def _targets(value: Any, location: str, name: str) -> list[str]:
             raise LmkilnError(f"{location}: empty target {name!r}: every accepted answer must be non-empty")
         return texts
     return [_text(value, location, name)]
+
+
+def _chat_pair(row: dict[str, Any], names: dict[str, str], location: str) -> Record:
+    """A preference row whose prompt is a conversation; each reply is its final assistant turn."""
+    replies = []
+    for canonical in ("chosen", REJECTED):
+        raw = _get(row, canonical, names, location, True)
+        if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], dict):
+            raw = raw[0]  # TRL's conversational format: [{"role": "assistant", "content": ...}]
+        if isinstance(raw, dict):
+            if raw.get(names["role"], "assistant") != "assistant":
+                raise LmkilnError(f"{location}: {names[canonical]!r} must be an assistant message")
+            raw = raw.get(names["content"], "")
+        reply = _text(raw, location, names[canonical])
+        if not reply.strip():
+            raise _missing(row, canonical, names, location)
+        replies.append(reply)
+    raw = _raw_messages(row, names)
+    if not isinstance(raw, list):
+        _messages(row, names, location)  # raises the chat format's own error
+    closing = {names["role"]: "assistant", names["content"]: "."}  # the roles must lead to a reply
+    messages = _messages({**row, names["messages"]: [*raw, closing]}, names, location)[:-1]
+    if replies[0].strip() == replies[1].strip():
+        raise LmkilnError(
+            f"{location}: {names['chosen']!r} and {names[REJECTED]!r} are identical; a preference pair needs "
+            f"two different replies (drop the row)"
+        )
+    return Record(location, {"prompt": ""}, replies, messages)
+
+
+def _raw_messages(row: dict[str, Any], names: dict[str, str]) -> Any:
+    raw = row.get(names["messages"])
+    if isinstance(raw, str):  # CSV cells hold the conversation as JSON text
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
+    return raw
+
+
+def _rejected(row: dict[str, Any], names: dict[str, str], location: str, chosen: str) -> str:
+    """The dispreferred reply: present, non-empty and different from the chosen one."""
+    raw = _get(row, REJECTED, names, location, True)
+    if isinstance(raw, str) and not raw.strip():
+        raise _missing(row, REJECTED, names, location)
+    rejected = _text(raw, location, names[REJECTED])
+    if rejected.strip() == chosen.strip():
+        raise LmkilnError(
+            f"{location}: {names['chosen']!r} and {names[REJECTED]!r} are identical; a preference pair needs "
+            f"two different replies (drop the row)"
+        )
+    return rejected
 
 
 def _languages(values: dict[str, str], cfg: FinetuneConfig, location: str) -> None:

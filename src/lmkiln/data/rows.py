@@ -54,8 +54,9 @@ def open_rows(path: str | Path, columns: Sequence[str] | None = None) -> RowFile
 
 def _csv_rows(path: Path) -> RowFile:
     csv.field_size_limit(2**31 - 1)
-    reader = csv.reader(line for _, line in decoded_lines(path))
-    header = next(reader, None)
+    # strict: an unterminated quote is an error at its line, not the rest of the file in one field
+    reader = csv.reader((line for _, line in decoded_lines(path)), strict=True)
+    header = _next_csv_row(reader, path)
     if not header:
         raise LmkilnError(f"{path}: empty file; expected a header line with column names")
     header = [name.strip() for name in header]
@@ -64,7 +65,7 @@ def _csv_rows(path: Path) -> RowFile:
         raise LmkilnError(f"{path}:1: duplicate column names {duplicates}")
 
     def rows() -> Iterator[tuple[int, dict[str, Any]]]:
-        for row in reader:
+        while (row := _next_csv_row(reader, path)) is not None:
             if not row:
                 continue  # a blank line
             if len(row) != len(header):
@@ -76,20 +77,41 @@ def _csv_rows(path: Path) -> RowFile:
     return RowFile(path, header, rows())
 
 
+def _next_csv_row(reader: Any, path: Path) -> list[str] | None:
+    start = reader.line_num + 1  # where the record begins: an unterminated quote fails at the end
+    try:
+        return next(reader, None)
+    except csv.Error as err:
+        raise LmkilnError(
+            f'{path}:{start}: not valid CSV ({err}); an opening quote " needs a closing one'
+        ) from None
+
+
 def _parquet_rows(path: Path, columns: Sequence[str] | None) -> RowFile:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise LmkilnError(f"reading {path} needs pyarrow: pip install 'lmkiln[data]'") from None
-    parquet = pq.ParquetFile(path)
+
+    def unreadable(err: Exception) -> LmkilnError:
+        return LmkilnError(f"{path}: not a readable parquet file ({err}); check the file or its suffix")
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except pa.ArrowException as err:
+        raise unreadable(err) from None
     names = list(parquet.schema_arrow.names)
     wanted = [c for c in columns if c in names] if columns is not None else None
 
     def rows() -> Iterator[tuple[int, dict[str, Any]]]:
         number = 0
-        for batch in parquet.iter_batches(columns=wanted, batch_size=4096):
-            for values in batch.to_pylist():
-                number += 1
-                yield number, values
+        try:
+            for batch in parquet.iter_batches(columns=wanted, batch_size=4096):
+                for values in batch.to_pylist():
+                    number += 1
+                    yield number, values
+        except pa.ArrowException as err:
+            raise unreadable(err) from None
 
     return RowFile(path, names, rows())

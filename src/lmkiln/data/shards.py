@@ -41,7 +41,7 @@ from lmkiln.data.corpus import Document, source_fingerprints
 from lmkiln.data.fast_encode import FastPathMismatch, FlatIds
 from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.errors import LmkilnError
-from lmkiln.files import fsync_dir
+from lmkiln.files import fsync_dir, naming, on_failure, remove_path
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,10 @@ def is_shard_set(path: str) -> bool:
 
 
 def cache_root(data: DataConfig) -> Path:
-    root = data.cache_dir or os.environ.get("LMKILN_CACHE") or "~/.cache/lmkiln"
-    return Path(root).expanduser()
+    root = Path(data.cache_dir or os.environ.get("LMKILN_CACHE") or "~/.cache/lmkiln").expanduser()
+    if not root.exists():  # a command that fails before caching anything leaves no empty cache
+        on_failure(lambda: None if any(p.is_file() for p in root.rglob("*")) else remove_path(root))
+    return root
 
 
 def shard_dtype(vocab_size: int) -> np.dtype:
@@ -148,17 +150,29 @@ class TokenShards:
         info = self.manifest["splits"][split]
         return info["bytes"] / max(info["tokens"], 1)
 
-    def arrays(self, split: str) -> list[np.memmap]:
-        if split not in self._arrays:
-            arrays = []
+    def damaged(self) -> str | None:
+        """Why a shard file does not match the manifest (missing, truncated, grown), or None."""
+        for split in self.manifest["splits"]:
             for entry in self.manifest["splits"][split]["files"]:
                 path = self.directory / Path(entry["name"]).name  # never leave the shard directory
                 expected = entry["tokens"] * self.dtype.itemsize
-                if not path.is_file() or path.stat().st_size != expected:
-                    raise LmkilnError(
-                        f"{path}: shard is missing or truncated (expected {expected} bytes); "
-                        f"delete {self.directory} and prepare again"
+                if not path.is_file():
+                    return f"{path}: shard is missing or truncated (no such file)"
+                if path.stat().st_size != expected:
+                    return (
+                        f"{path}: shard is missing or truncated ({path.stat().st_size} bytes, the "
+                        f"manifest says {expected})"
                     )
+        return None
+
+    def arrays(self, split: str) -> list[np.memmap]:
+        if split not in self._arrays:
+            problem = self.damaged()
+            if problem:
+                raise LmkilnError(f"{problem}; delete {self.directory} and prepare again")
+            arrays = []
+            for entry in self.manifest["splits"][split]["files"]:
+                path = self.directory / Path(entry["name"]).name
                 if entry["tokens"]:
                     arrays.append(np.memmap(path, dtype=self.dtype, mode="r"))
             self._arrays[split] = arrays
@@ -358,7 +372,12 @@ def prepare_shards(
     root = cache_root(data) / "shards"
     final = root / key
     if (final / "manifest.json").is_file():
-        return PrepareReport(TokenShards(final), cached=True, seconds=0.0, megabytes=0.0)
+        cached = TokenShards(final)
+        problem = cached.damaged()
+        if problem is None:
+            return PrepareReport(cached, cached=True, seconds=0.0, megabytes=0.0)
+        log.warning("cached shards are damaged (%s); preparing them again", problem)
+        shutil.rmtree(final, ignore_errors=True)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -370,6 +389,9 @@ def prepare_shards(
     start = time.perf_counter()
     try:
         manifest = _build(data, tokenizer, tmp, sources, progress)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise naming(err, final) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -68,12 +68,13 @@ def compile_template(source: str, keep_trailing_newline: bool = False):
         raise TemplateError(f"template syntax error: {err.message} (template line {err.lineno})") from None
 
 
-def render(template: str, /, prompt: bool = False, **variables: Any) -> str:
-    """Render a template with plain values (the reference rendering); prompt=True for prompt templates."""
+def render(template: str, as_prompt: bool = False, /, **variables: Any) -> str:
+    """Render a template with plain values (the reference rendering); as_prompt=True for prompt
+    templates. Both are positional-only, so any field name (even `prompt`) can be a variable."""
     from jinja2 import TemplateError as JinjaError
 
     try:
-        return compile_template(template, prompt).render(**variables)
+        return compile_template(template, as_prompt).render(**variables)
     except TemplateError:
         raise
     except JinjaError as err:

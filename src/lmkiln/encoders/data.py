@@ -12,10 +12,16 @@ from lmkiln.data.textfile import jsonl_rows
 from lmkiln.errors import LmkilnError
 
 
-def read_jsonl(path: str | Path, fields: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[dict]:
+def read_jsonl(
+    path: str | Path,
+    fields: tuple[str, ...],
+    optional: tuple[str, ...] = (),
+    flags: dict[str, str] | None = None,
+) -> list[dict]:
     """Rows of a JSONL file with the given fields; each row also gets `_line` (1-based).
 
-    Text fields must be strings; a bad line raises LmkilnError naming path:line.
+    Text fields must be strings; a bad line raises LmkilnError naming path:line. `flags` maps a
+    field to the command-line flag that names it (for commands that do not take config keys).
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -26,7 +32,7 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...], optional: tuple[str, .
         if missing:
             raise LmkilnError(
                 f"{path}:{number}: no field {missing[0]!r} (fields: {', '.join(row) or 'none'}); "
-                f"name the right one in the config (e.g. --encoder.{_field_key(missing[0])} NAME)"
+                f"name the right one with {_flag(missing[0], flags)} NAME"
             )
         kept = {f: row[f] for f in (*fields, *optional) if f in row}
         kept["_line"] = number
@@ -36,10 +42,13 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...], optional: tuple[str, .
     return rows
 
 
-def _field_key(field: str) -> str:
-    return {"query": "query_field", "positive": "positive_field", "label": "label_field"}.get(
+def _flag(field: str, flags: dict[str, str] | None) -> str:
+    if flags and field in flags:
+        return flags[field]
+    key = {"query": "query_field", "positive": "positive_field", "label": "label_field"}.get(
         field, "text_field"
     )
+    return f"--encoder.{key}"
 
 
 def require_text(row: dict, field: str, path: str | Path) -> str:

@@ -23,6 +23,7 @@ from torch import nn
 
 from lmkiln.errors import LmkilnError
 from lmkiln.runs.load import local_directory
+from lmkiln.runs.tensors import check_tensor_file, read_tensors, save_tensors
 
 META_FILE = "lmkiln_encoder.json"
 HEAD_FILE = "classifier.safetensors"
@@ -89,6 +90,22 @@ def encoder_directory(path: str | Path) -> Path:
     return directory
 
 
+def _check_weight_files(directory: Path) -> None:
+    """Weights only from safetensors files, checked before transformers reads them: a pickle
+    (pytorch_model.bin) can run code when loaded, and a corrupt file ends in a traceback there."""
+    files = sorted(directory.glob("*.safetensors"))
+    files = [f for f in files if f.name != HEAD_FILE]
+    if not files:
+        pickles = sorted(p.name for p in directory.glob("*.bin")) or ["no weights file"]
+        raise LmkilnError(
+            f"{directory} has no model.safetensors ({', '.join(pickles)}); lmkiln loads weights only "
+            f"from safetensors files, never from pickles: convert it first (e.g. with transformers: "
+            f"model.save_pretrained(DIR, safe_serialization=True))"
+        )
+    for file in files:
+        check_tensor_file(file)
+
+
 def _saved_meta(directory: Path) -> dict:
     """lmkiln's own metadata, else what sentence-transformers' pooling config says."""
     meta_file = directory / META_FILE
@@ -121,8 +138,11 @@ def load_encoder(
             f"from a model directory (no trust_remote_code)"
         )
     meta = _saved_meta(directory)
+    _check_weight_files(directory)
     try:
-        encoder = AutoModel.from_pretrained(str(directory), dtype=torch.float32, local_files_only=True)
+        encoder = AutoModel.from_pretrained(
+            str(directory), dtype=torch.float32, local_files_only=True, use_safetensors=True
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as err:
         raise LmkilnError(f"cannot load the encoder in {directory}: {err}".split("\n")[0]) from None
@@ -131,17 +151,13 @@ def load_encoder(
     model = EncoderModel(encoder, pooling or meta.get("pooling", "mean"), n_labels, dropout)
     head_file = directory / HEAD_FILE
     if model.head is not None and head_file.is_file() and n_labels == len(labels):
-        from safetensors.torch import load_file
-
-        model.head.load_state_dict(load_file(str(head_file)))
+        model.head.load_state_dict(read_tensors(head_file))
     meta = {**meta, "pooling": model.pooling}
     return LoadedEncoder(model.eval(), tokenizer, meta)
 
 
 def save_encoder(model: EncoderModel, tokenizer: Any, directory: Path, meta: dict) -> Path:
     """Hugging Face files + lmkiln_encoder.json (+ head, + sentence-transformers module files)."""
-    from safetensors.torch import save_file
-
     directory.mkdir(parents=True, exist_ok=True)
     model.encoder.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
@@ -149,7 +165,7 @@ def save_encoder(model: EncoderModel, tokenizer: Any, directory: Path, meta: dic
     (directory / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     if model.head is not None:
         head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
-        save_file(head, str(directory / HEAD_FILE), metadata={"format": "pt"})
+        save_tensors(directory / HEAD_FILE, head, {"format": "pt"})
     _write_sentence_transformers_files(model, directory, meta)
     return directory
 

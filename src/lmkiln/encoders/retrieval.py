@@ -21,6 +21,7 @@ from torch import nn
 from lmkiln.encoders.data import pad_rows, tokenize
 from lmkiln.encoders.model import EncoderModel
 from lmkiln.errors import LmkilnError
+from lmkiln.files import make_output_dir, remove_on_failure
 from lmkiln.train.metrics import retrieval_metrics
 
 Batch = dict[str, torch.Tensor]
@@ -111,22 +112,32 @@ def evaluate_pairs(
     return retrieval_metrics(q, d, relevant, ks)
 
 
+def check_embeddings_path(out: str | Path) -> Path:
+    """--out must be FILE.npy or FILE.safetensors, not an existing directory (checked up front)."""
+    out = Path(out)
+    if out.suffix.lower() not in (".npy", ".safetensors"):
+        raise LmkilnError(f"--out {out}: write .npy or .safetensors")
+    if out.is_dir():
+        raise LmkilnError(f"--out {out} is a directory; give a file name ending in {out.suffix}")
+    return out
+
+
 def write_embeddings(out: str | Path, vectors: torch.Tensor, ids: list, meta: dict) -> list[str]:
     """FILE.npy (+ FILE.ids.json) or FILE.safetensors ("embeddings" (N, C), ids in the metadata)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_embeddings_path(out)
+    make_output_dir(out.parent)
+    remove_on_failure(out)
     suffix = out.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from lmkiln.runs.tensors import save_tensors
 
         metadata = {"ids": json.dumps(ids), **{k: json.dumps(v) for k, v in meta.items()}}
-        save_file({"embeddings": vectors.contiguous()}, str(out), metadata=metadata)
+        save_tensors(out, {"embeddings": vectors.contiguous()}, metadata)
         return [str(out)]
-    if suffix != ".npy":
-        raise LmkilnError(f"--out {out}: write .npy or .safetensors")
     import numpy as np
 
     np.save(out, vectors.numpy())
     ids_file = out.with_suffix(".ids.json")
+    remove_on_failure(ids_file)
     ids_file.write_text(json.dumps(ids), encoding="utf-8")
     return [str(out), str(ids_file)]

@@ -27,6 +27,7 @@ from torch import nn
 from lmkiln.config import Config, FinetuneConfig, build_config, flatten, parse_overrides, to_dict
 from lmkiln.data import task_examples as ex
 from lmkiln.data.formats import iter_rows, read_records
+from lmkiln.data.preference import encode_pairs, preference_collate
 from lmkiln.data.task_examples import ExampleEncoder
 from lmkiln.data.templates import chat_template_of
 from lmkiln.data.tokenizer import Tokenizer
@@ -40,6 +41,7 @@ from lmkiln.runs.load import find_checkpoint, load_classifier, load_run
 from lmkiln.runs.rundir import saved_config
 from lmkiln.train.evaluate import classification_scores, classify, lm_metrics, summed_lm_loss
 from lmkiln.train.metrics import per_class_f1
+from lmkiln.train.preference import sequence_logps
 
 log = logging.getLogger("lmkiln")
 
@@ -50,7 +52,7 @@ GENERATION_METRICS: dict[str, Callable[[Sequence[str], Sequence[Sequence[str]]],
     "translation": bleu_chrf,
     "summarization": rouge,
 }
-EVAL_TASKS = (*GENERATION_METRICS, "classification", "perplexity", "memorization")
+EVAL_TASKS = (*GENERATION_METRICS, "classification", "preference", "perplexity", "memorization")
 
 
 @dataclass
@@ -292,8 +294,14 @@ def evaluate_run(
         metrics = perplexity(loaded.model, loaded.tokenizer, texts)
         return EvalResult(task, len(texts), metrics, seconds=time.perf_counter() - started)
     ft = replace(cfg.finetune, format=task)
+    if task == "preference" and saved.get("finetune", {}).get("format") != task:
+        # Another format's prompt template (e.g. an SFT run's "{{ instruction }}") names other fields.
+        given = any(o.lstrip("-").startswith("finetune.prompt") for o in overrides or [])
+        ft = ft if given else replace(ft, prompt="")
     records = read_records(data, ft)
     records = records[:limit] if limit else records
+    if task == "preference":
+        return evaluate_preference(loaded.model, loaded.tokenizer, records, ft, batch_size)
     log.info("%s: %d examples from %s (%s)", task, len(records), data, to_dict(ft)["format"])
     return evaluate_generation(
         loaded.model,
@@ -306,6 +314,38 @@ def evaluate_run(
         beams=beams,
         length_penalty=length_penalty,
     )
+
+
+@torch.no_grad()
+def evaluate_preference(
+    model: nn.Module, tokenizer: Tokenizer, records: Sequence, ft: FinetuneConfig, batch_size: int
+) -> EvalResult:
+    """How often the model gives the chosen reply a higher log-probability than the rejected one
+    (ties count half), the mean margin and the mean log-probabilities: no reference model."""
+    started = time.perf_counter()
+    chat = chat_template_of(tokenizer) if records and records[0].messages else None
+    encoder = ExampleEncoder(tokenizer, ft, ft.max_length or model.cfg.block_size, chat)
+    pairs, report = encode_pairs(encoder, records, "evaluation")
+    collate = preference_collate(
+        pairs, tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    )
+    device = next(model.parameters()).device
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), batch_size):
+        batch = collate(list(range(start, min(start + batch_size, len(pairs)))))
+        sums = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})[0].float().cpu()
+        good, bad = sums.chunk(2)
+        chosen.append(good)
+        rejected.append(bad)
+    good, bad = torch.cat(chosen), torch.cat(rejected)
+    margin = good - bad
+    metrics = {
+        "accuracy": float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean()),
+        "margin": float(margin.mean()),
+        "logps_chosen": float(good.mean()),
+        "logps_rejected": float(bad.mean()),
+    }
+    return EvalResult("preference", len(pairs), metrics, report.dropped, time.perf_counter() - started)
 
 
 def _row_text(row: dict, field_name: str, where: str) -> str:

@@ -209,7 +209,7 @@ def save_adapter(method: MethodSetup, model: nn.Module, directory: Path, tokeniz
     Rows of added tokens and a classification head are trained outside the adapter; they are
     saved beside it (extra_weights.safetensors) so the directory is complete on its own.
     """
-    from safetensors.torch import save_file
+    from lmkiln.runs.tensors import save_tensors
 
     directory.mkdir(parents=True, exist_ok=True)
     method.peft_model.save_pretrained(str(directory))
@@ -230,9 +230,7 @@ def save_adapter(method: MethodSetup, model: nn.Module, directory: Path, tokeniz
         if name.startswith("head."):
             extra[name] = tensor.contiguous()
     if extra:
-        save_file(
-            {k: v.detach().cpu() for k, v in extra.items()}, str(directory / "extra_weights.safetensors")
-        )
+        save_tensors(directory / "extra_weights.safetensors", {k: v.detach().cpu() for k, v in extra.items()})
     if tokenizer_dir is not None:
         (directory / "tokenizer").mkdir(exist_ok=True)
         for file in tokenizer_dir.iterdir():

@@ -31,6 +31,23 @@ def check_finetune_config(cfg: Config) -> None:
         raise LmkilnError("fine-tuning needs training data: --data FILE (finetune.data)")
     if ft.packing and ft.format == "classification":
         raise LmkilnError("finetune.packing applies to generative formats, not classification")
+    preference = ft.format == "preference"
+    if preference and ft.objective == "sft":
+        raise LmkilnError("finetune.format=preference trains with objective dpo or orpo (--objective dpo)")
+    if ft.objective != "sft" and not preference:
+        raise LmkilnError(
+            f"finetune.objective={ft.objective} needs preference pairs: format=preference "
+            f"(rows of prompt, chosen, rejected)"
+        )
+    if ft.reference == "adapters_disabled" and ft.method != "lora":
+        raise LmkilnError(
+            f"finetune.reference=adapters_disabled needs method=lora (method is {ft.method}); "
+            f"use reference=precomputed or auto"
+        )
+    if ft.packing and preference:
+        raise LmkilnError(
+            "finetune.packing does not apply to preference pairs (each pair is one padded batch)"
+        )
     if ft.max_length < 0 or ft.eval_samples < 0 or ft.max_new_tokens <= 0:
         raise LmkilnError("finetune.max_length and finetune.eval_samples must be ≥ 0, max_new_tokens > 0")
 
@@ -65,7 +82,25 @@ def resolve_labels(cfg: FinetuneConfig, train: list[Record], val: list[Record]) 
     return labels
 
 
-def prepare_tokenizer(tokenizer: Tokenizer, cfg: FinetuneConfig) -> tuple[Tokenizer, list[int]]:
+def uses_chat(cfg: FinetuneConfig, records: list[Record]) -> bool:
+    """Whether the examples are conversations: the chat format, or preference pairs whose prompt is
+    `messages` (then every row must be; one template and one EOS serve the whole run)."""
+    if cfg.format != "preference":
+        return cfg.format == "chat"
+    chat = bool(records) and bool(records[0].messages)
+    odd = next((r for r in records if bool(r.messages) != chat), None)
+    if odd is not None:
+        kind = "a prompt" if chat else "messages"
+        raise LmkilnError(
+            f"{odd.location}: this row has {kind} while {records[0].location} does not; preference rows "
+            f"are either all prompt strings or all conversations (messages)"
+        )
+    return chat
+
+
+def prepare_tokenizer(
+    tokenizer: Tokenizer, cfg: FinetuneConfig, chat: bool | None = None
+) -> tuple[Tokenizer, list[int]]:
     """The fine-tuning tokenizer and the ids of tokens it adds (they need new embedding rows).
 
     Chat adds the ChatML markers when the tokenizer has no template of its own and lacks them,
@@ -75,9 +110,10 @@ def prepare_tokenizer(tokenizer: Tokenizer, cfg: FinetuneConfig) -> tuple[Tokeni
     from tokenizers import AddedToken
     from tokenizers import Tokenizer as HFTokenizer
 
+    chat = cfg.format == "chat" if chat is None else chat
     wanted = list(cfg.add_tokens)
     template = tokenizer.chat_template
-    if cfg.format == "chat" and not template:
+    if chat and not template:
         template = CHATML_TEMPLATE
         wanted = [IM_START, IM_END, *wanted]
     missing = [t for t in dict.fromkeys(wanted) if tokenizer.token_id(t) is None]
@@ -85,7 +121,7 @@ def prepare_tokenizer(tokenizer: Tokenizer, cfg: FinetuneConfig) -> tuple[Tokeni
     if missing:
         hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
     eos = tokenizer.eos_token
-    if cfg.format == "chat":
+    if chat:
         probe = Tokenizer(
             hf, chat_template=template, eos_token=eos, pad_token=tokenizer.pad_token, fast=False
         )

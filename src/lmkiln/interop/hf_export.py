@@ -23,14 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from lmkiln.data.templates import render_chat
 from lmkiln.data.tokenizer import IM_END, Tokenizer
 from lmkiln.errors import LmkilnError
+from lmkiln.files import make_output_dir
 from lmkiln.interop.hf_format import ARCHITECTURES, export_model_type, hf_config, to_hf_tensors
 from lmkiln.model.transformer import Transformer, count_parameters
 from lmkiln.runs.load import load_run
+from lmkiln.runs.tensors import save_tensors
 
 log = logging.getLogger("lmkiln")
 
@@ -83,13 +84,15 @@ def parse_size(text: str) -> int:
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LmkilnError(f"{out_dir} is a file, not a directory; choose a directory to export into")
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
             raise LmkilnError(
                 f"{out_dir} exists and is not empty; pass --overwrite or choose another directory"
             )
         shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir)  # removed again if the export fails (a full disk, ...)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -101,7 +104,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard
     total = sum(_nbytes(t) for t in tensors.values())
     metadata = {"format": "pt"}
     if total <= max_shard_bytes:
-        save_file(tensors, str(out_dir / "model.safetensors"), metadata=metadata)
+        save_tensors(out_dir / "model.safetensors", tensors, metadata)
         return ["model.safetensors"]
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -114,7 +117,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard
     files, weight_map = [], {}
     for index, shard in enumerate(shards, start=1):
         file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / file), metadata=metadata)
+        save_tensors(out_dir / file, shard, metadata)
         files.append(file)
         weight_map.update(dict.fromkeys(shard, file))
     index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -31,10 +31,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lmkiln.errors import LmkilnError
 from lmkiln.files import fsync_dir, fsync_file
+from lmkiln.runs.tensors import save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,7 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata={"format": "pt"}
-    )
+    save_tensors(path, {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, {"format": "pt"})
     fsync_file(path)
 
 

@@ -20,7 +20,7 @@ import yaml
 from lmkiln.config import Config, flatten, from_dict, to_dict, to_yaml
 from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.errors import LmkilnError
-from lmkiln.files import write_atomic
+from lmkiln.files import make_output_dir, on_failure, write_atomic
 from lmkiln.runs.checkpoint import list_checkpoints
 
 CONFIG_FILE = "config.yaml"
@@ -97,7 +97,8 @@ def prepare_run_dir(cfg: Config, resume: str | None = None, overwrite: bool = Fa
             f"choose another --train.run_dir"
         )
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        make_output_dir(path, keep=lambda p: bool(list_checkpoints(p / "checkpoints")))
+        _restore_config_on_failure(config_file)
         probe = path / f".write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
@@ -108,3 +109,22 @@ def prepare_run_dir(cfg: Config, resume: str | None = None, overwrite: bool = Fa
             f"choose a writable --train.run_dir"
         ) from None
     return path
+
+
+def _restore_config_on_failure(config_file: Path) -> None:
+    """A resume that is refused (changed model shape, ...) must not leave the refused settings in
+    config.yaml: if the command fails before a new checkpoint is saved, the old file comes back."""
+    if not config_file.is_file():
+        return
+    old_text = config_file.read_text(encoding="utf-8")
+
+    def newest() -> list:
+        return list_checkpoints(config_file.parent / "checkpoints")[-1:]
+
+    before = newest()
+
+    def restore() -> None:
+        if newest() == before:
+            write_atomic(config_file, old_text)
+
+    on_failure(restore)

@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,14 +25,17 @@ import torch
 from torch import nn
 
 from lmkiln.config import Config, FinetuneConfig, ModelConfig, ResolvedConfig, resolve, to_dict, to_yaml
+from lmkiln.config.resolve import METHOD_NAMES
 from lmkiln.data import task_examples as ex
 from lmkiln.data.formats import Record
 from lmkiln.data.loader import epoch_stream
+from lmkiln.data.preference import PreferencePair, encode_pairs, preference_collate
 from lmkiln.data.templates import chat_template_of
 from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.errors import LmkilnError
 from lmkiln.files import write_json_atomic
 from lmkiln.finetune.methods import MethodSetup, apply_method, exclude_from_weight_decay, save_adapter
+from lmkiln.finetune.preference import precompute_reference, preference_loss, reference_kind
 from lmkiln.finetune.prepare import (
     build_finetune_model,
     check_finetune_config,
@@ -39,6 +43,7 @@ from lmkiln.finetune.prepare import (
     prepare_tokenizer,
     resolve_labels,
     split_records,
+    uses_chat,
 )
 from lmkiln.model.lora import lora_scaling, merge_lora_tensors
 from lmkiln.model.transformer import Transformer
@@ -47,10 +52,11 @@ from lmkiln.runs.load import find_checkpoint, load_run
 from lmkiln.runs.rundir import open_run_dir
 from lmkiln.runs.tensors import model_tensors
 from lmkiln.train.distributed import parallelize
-from lmkiln.train.evaluate import classification_evaluator, lm_evaluator
+from lmkiln.train.evaluate import Evaluator, classification_evaluator, lm_evaluator
 from lmkiln.train.loop import FitResult, TrainLoop, TrainSetup
 from lmkiln.train.objectives import ClassificationLoss, LanguageModelLoss
 from lmkiln.train.optim import build_optimizer
+from lmkiln.train.preference import PreferenceLoss, preference_evaluator
 from lmkiln.train.runtime import Runtime
 from lmkiln.train.state import TrainState
 
@@ -143,6 +149,8 @@ class FinetuneResult:
     check: dict = field(default_factory=dict)
     """Generation check on validation prompts: {"before": metrics, "after": metrics}."""
     wall_seconds: float = 0.0
+    notes: tuple[str, ...] = ()
+    """Values chosen for the method, with why (`lmkiln.config.resolve.method_defaults`)."""
 
     def summary(self) -> str:
         from lmkiln.train.observe import format_count, format_duration
@@ -150,9 +158,11 @@ class FinetuneResult:
         ft, state = self.cfg.finetune, self.fit.state
         share = self.method.trainable / max(self.method.total, 1)
         lines = [
-            f"fine-tuned {ft.format} ({ft.method}): {format_count(self.method.trainable)} trainable of "
+            f"fine-tuned {ft.format} ({ft.method}{'' if ft.objective == 'sft' else ', ' + ft.objective}): "
+            f"{format_count(self.method.trainable)} trainable of "
             f"{format_count(self.method.total)} parameters ({share:.2%}); {state.step} steps, "
             f"{state.epoch} epoch{'' if state.epoch == 1 else 's'} in {format_duration(state.train_seconds)}",
+            *self.notes,
             *(r.describe(split, self.cfg.train.seq_len, ft.overlong) for split, r in self.lengths.items()),
         ]
         before, after = self.fit.first_eval, self.fit.last_eval
@@ -185,8 +195,8 @@ class FinetuneResult:
 class TaskData:
     """The encoded examples of a run and how its training set is cut into rows."""
 
-    train: list[ex.TokenExample]
-    val: list[ex.TokenExample]
+    train: list[ex.TokenExample] | list[PreferencePair]
+    val: list[ex.TokenExample] | list[PreferencePair]
     lengths: dict[str, ex.LengthReport]
     packed_rows: list | None = None
     """The packing plan (examples per row) with finetune.packing, else None."""
@@ -206,10 +216,14 @@ def encode_examples(
     max_length: int,
 ) -> TaskData:
     ft = cfg.finetune
-    chat = chat_template_of(tokenizer) if ft.format == "chat" else None
+    chat = chat_template_of(tokenizer) if uses_chat(ft, train + val) else None
     encoder = ex.ExampleEncoder(tokenizer, ft, max_length, chat, labels)
-    train_examples, train_report = encoder.encode_all(train, "train")
-    val_examples, val_report = encoder.encode_all(val, "validation")
+    if ft.format == "preference":
+        train_examples, train_report = encode_pairs(encoder, train, "train")
+        val_examples, val_report = encode_pairs(encoder, val, "validation")
+    else:
+        train_examples, train_report = encoder.encode_all(train, "train")
+        val_examples, val_report = encoder.encode_all(val, "validation")
     if not train_examples:
         raise LmkilnError(
             f"every training example is longer than finetune.max_length={max_length} tokens "
@@ -240,7 +254,7 @@ def finetune(
         base = scratch_base(cfg, train_records)
     else:
         base = load_base(ft.base, max_context=ft.max_length or None)
-    tokenizer, new_rows = prepare_tokenizer(base.tokenizer, ft)
+    tokenizer, new_rows = prepare_tokenizer(base.tokenizer, ft, uses_chat(ft, train_records + val_records))
     max_length = ft.max_length or base.model_cfg.block_size
     if max_length > base.model_cfg.block_size:
         raise LmkilnError(
@@ -258,6 +272,8 @@ def finetune(
         derived=derived,
     )
     cfg, ft = run.cfg, run.cfg.finetune
+    for note in run.notes:
+        log.info("%s", note)
     model, backbone = build_finetune_model(base.model, cfg, new_rows, labels, runtime.device)
     method = apply_method(model, backbone, ft, new_rows)
     log.info(
@@ -279,7 +295,8 @@ def finetune(
     fresh = not resume or ckpt.latest_checkpoint(run_dir / "checkpoints") is None
     # Generation runs on the main process alone, which a sharded (FSDP) model cannot do.
     sharded = runtime.distributed and cfg.dist.strategy == "fsdp"
-    checking = runtime.is_main and ft.eval_samples > 0 and ft.format != "classification" and val_records
+    generative = ft.format not in ("classification", "preference")  # those have no task metric
+    checking = runtime.is_main and ft.eval_samples > 0 and generative and val_records
     checking = checking and not sharded
     if checking and fresh:
         check["before"] = generation_check(model, tokenizer, val_records, ft)
@@ -292,7 +309,16 @@ def finetune(
         _write_outputs(run_dir, cfg, model, method, result, check, started)
     runtime.barrier()
     return FinetuneResult(
-        run_dir, result, model, tokenizer, cfg, method, data.lengths, check, time.perf_counter() - started
+        run_dir,
+        result,
+        model,
+        tokenizer,
+        cfg,
+        method,
+        data.lengths,
+        check,
+        time.perf_counter() - started,
+        run.notes,
     )
 
 
@@ -318,7 +344,9 @@ def _train_setup(
     ft, tcfg, micro = cfg.finetune, cfg.train, run.batch.micro_batch_size
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     evaluate = None
-    if ft.format == "classification":
+    if ft.format == "preference":
+        collate, objective, evaluate = _preference_data(ft, model, data, method, micro, pad, runtime.device)
+    elif ft.format == "classification":
         collate, objective = ex.classification_collate(data.train, pad), ClassificationLoss()
         if data.val:
             val = eval_batches(data.val, micro, ex.classification_collate(data.val, pad))
@@ -346,6 +374,11 @@ def _train_setup(
             f"finetune.{k}": getattr(ft, k)
             for k in ("format", "method", "packing", "group_by_length", "max_length", "lora_r")
         },
+        **(
+            {f"finetune.{k}": getattr(ft, k) for k in ("objective", "beta", "reference")}
+            if ft.objective != "sft"
+            else {}
+        ),
     }
     train_model = parallelize(model, cfg, runtime)  # before the optimizer: FSDP2 shards parameters
     optimizer = build_optimizer(model, cfg.optim)
@@ -361,7 +394,34 @@ def _train_setup(
         fingerprint=fingerprint,
         tokens_in=ex.real_tokens,
         epoch_of=lambda: batches.epoch,
+        stall_hint=f"the learning rate ({cfg.optim.lr:g}) may be too low for {METHOD_NAMES[ft.method]}; "
+        f"raise optim.lr",
     )
+
+
+def _preference_data(
+    ft: FinetuneConfig,
+    model: nn.Module,
+    data: TaskData,
+    method: MethodSetup,
+    micro: int,
+    pad: int,
+    device: torch.device,
+) -> tuple[Callable[[list[int]], dict], PreferenceLoss, Evaluator | None]:
+    """(collate, objective, evaluator) of a DPO/ORPO run. A precomputed reference is scored here by
+    the untrained model — on resume too: the base is loaded again, the checkpoint only later."""
+    objective = preference_loss(ft, method.peft_model)
+    train_ref = val_ref = None
+    if reference_kind(ft) == "precomputed":
+        train_ref = precompute_reference(model, data.train, micro, pad, device)
+        val_ref = precompute_reference(model, data.val, micro, pad, device) if data.val else None
+    collate = preference_collate(data.train, pad, train_ref)
+    evaluate = None
+    if data.val:
+        evaluate = preference_evaluator(
+            eval_batches(data.val, micro, preference_collate(data.val, pad, val_ref)), objective
+        )
+    return collate, objective, evaluate
 
 
 def _file_identity(path: str) -> str:

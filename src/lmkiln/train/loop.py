@@ -38,6 +38,7 @@ from lmkiln.train.objectives import Batch, Objective
 from lmkiln.train.observe import RunLog, Throughput
 from lmkiln.train.optim import set_learning_rate
 from lmkiln.train.runtime import Runtime, measure_matmul_peak
+from lmkiln.train.stall import StallWatch
 from lmkiln.train.state import BatchStream, Checkpointed, TrainState
 from lmkiln.train.step import StepResult, to_device, train_step
 
@@ -69,6 +70,9 @@ class TrainSetup:
     """Completed epochs of the training data, for epoch-based stopping."""
     unit: str = "tokens"
     """What tokens_in counts ('tokens' or 'examples'): the progress display says tok/s or ex/s."""
+    stall_hint: str | None = None
+    """When set, warn once if the validation loss has barely moved by mid-run, with this advice
+    (`lmkiln.train.stall`); fine-tuning sets it."""
 
 
 @dataclass
@@ -133,6 +137,7 @@ class TrainLoop:
         self.last_saved_step = -1
         self.signum: int | None = None
         self.log = RunLog.disabled()
+        self.stall = StallWatch(setup.total_steps, setup.stall_hint) if setup.stall_hint else None
 
     @property
     def sharded(self) -> bool:
@@ -361,6 +366,10 @@ class TrainLoop:
         }
         if self.state.epoch:
             values["epoch"] = self.state.epoch
+        # An objective may report figures of its own (preference: reward margin and accuracy).
+        logged_metrics = getattr(self.setup.objective, "logged_metrics", None)
+        if logged_metrics is not None:
+            values.update(logged_metrics())
         self.log.record("train", values)
         rate = self.state.step / max(self.state.train_seconds, 1e-9)
         eta = (self.setup.total_steps - self.state.step) / rate if rate else float("inf")
@@ -385,6 +394,10 @@ class TrainLoop:
         self.log.record("eval", {**where, **metrics})
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         self.log.message("eval " + " ".join(f"{k} {v}" for k, v in where.items()) + ": " + shown)
+        stalled = self.stall.check(self.state.step, metrics) if self.stall else None
+        if stalled and self.runtime.is_main:
+            log.warning("%s", stalled["message"])
+            self.log.record("stall", stalled)
         return metrics
 
     def _evaluate(self, final: bool = False) -> bool:
