@@ -359,7 +359,8 @@ def _train_setup(
         objective = LanguageModelLoss()
         if data.val:
             evaluate = lm_evaluator(eval_batches(data.val, micro, ex.padded_collate(data.val, pad)))
-    grouped = ft.group_by_length and data.packed_rows is None
+    # preference rows are (chosen, rejected) pairs with lengths of their own: kept in random order
+    grouped = ft.group_by_length and data.packed_rows is None and ft.format != "preference"
     lengths = [len(e.input_ids) for e in data.train] if grouped else None
     batches = epoch_stream(data.size, run.batch, tcfg.seed, runtime.rank, collate, lengths)
     fingerprint = {
