@@ -1058,9 +1058,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="memorization: random candidates each canary is ranked among",
     )
     evaluate.add_argument("--max-new-tokens", type=COUNT, default=64)
-    evaluate.add_argument("--beams", type=int, default=1, help="beam search width (1 = greedy)")
+    evaluate.add_argument("--beams", type=COUNT, default=1, help="beam search width (1 = greedy)")
     evaluate.add_argument(
-        "--length-penalty", type=float, default=1.0, help="beam search: score = log-prob / length**this"
+        "--length-penalty",
+        type=_number(float),
+        default=1.0,
+        help="beam search: score = log-prob / length**this",
     )
     evaluate.add_argument("--batch-size", type=COUNT, default=16)
     evaluate.add_argument(
@@ -1111,9 +1114,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", action="append", help="prompt text (repeat for several)")
     _sampling_options(generate)
     generate.add_argument("--device", type=_device, default="cpu")
-    generate.add_argument("--beams", type=int, default=1, help="beam search width (>1 ignores sampling)")
+    generate.add_argument("--beams", type=COUNT, default=1, help="beam search width (>1 ignores sampling)")
     generate.add_argument(
-        "--length-penalty", type=float, default=1.0, help="beam search: score = log-prob / length**this"
+        "--length-penalty",
+        type=_number(float),
+        default=1.0,
+        help="beam search: score = log-prob / length**this",
     )
     generate.set_defaults(func=cmd_generate)
     _add_use_commands(sub)
