@@ -202,6 +202,16 @@ CASES: list[tuple[str, str]] = [
     ("eval-retrieval {w}/enc-pickle --pairs {w}/pairs.jsonl --positive-field doc", "--positive-field NAME"),
     ("eval-retrieval {w}/enc-pickle --pairs {w}/pairs.jsonl", "never from pickles"),
     ("eval-retrieval {w}/enc-corrupt --pairs {w}/pairs.jsonl", "not a readable safetensors file"),
+    # plan, sweep, lr-find, report, runs
+    ("plan --memory lots", "--memory 'lots': give a size such as 24GiB"),
+    ("plan --time soon", "--time 'soon': give a duration such as 90s"),
+    ("plan model.d_model=66 model.n_head=4", "must be divisible by model.n_head"),
+    ("sweep --space {w}/missing.yaml", "search space file not found: {w}/missing.yaml"),
+    ("lr-find --steps 0", "argument --steps: must be at least 10, got 0"),
+    ("sweep --space {w}/missing.yaml --trials 0", "argument --trials: must be at least 1, got 0"),
+    ("lr-find --start 1 --end 0.1", "lr-find needs 0 < --start < --end"),
+    ("report {w}/empty", "{w}/empty is not a run directory (no metrics.jsonl)"),
+    ("runs {w}/missing", "runs directory not found: {w}/missing"),
     # listings and the top level
     ("recipes extra", "unexpected arguments: extra"),
     ("presets extra", "unexpected arguments: extra"),

@@ -11,6 +11,7 @@ import os
 import shlex
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from lmkiln.errors import Interrupted, LmkilnError, describe_os_error
 from lmkiln.files import cleanup_on_failure
@@ -352,6 +353,8 @@ def _run_task(cfg, args: argparse.Namespace):
     result = run_task(cfg, resume=resume, force=args.force, overwrite=args.overwrite and resume is None)
     if _is_main():
         print(result.summary())
+        if (Path(result.run_dir) / "metrics.jsonl").is_file():
+            _write_run_report(result.run_dir)
     return result
 
 
@@ -961,6 +964,126 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
 # Parser and entry point
 
 
+def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
+    from lmkiln.plan import parse_duration, parse_memory
+    from lmkiln.plan.text import format_plan, plan_with_data
+
+    if args.device:
+        extra = [*extra, f"train.device={args.device}"]
+    cfg = _load(args, extra)
+    memory = parse_memory(args.memory) if args.memory else None
+    budget = parse_duration(args.time) if args.time else None
+    plan = plan_with_data(cfg, memory, budget)
+    print(format_plan(plan))
+    if args.save:
+        from lmkiln.files import write_json_atomic
+
+        write_json_atomic(args.save, plan.summary())
+        print(f"plan saved to {args.save} (put it in the run directory as plan.json for `lmkiln report`)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
+    from lmkiln.report import write_report
+
+    print(f"report: {write_report(args.runs, args.out, args.samples)}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace, extra: list[str]) -> int:
+    from lmkiln.report import list_runs, runs_table
+
+    records = list_runs(args.dir)
+    print(runs_table(records, Path(args.dir)) if records else f"no runs under {args.dir}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
+    from lmkiln.sweep.search import read_space, sweep
+
+    space = read_space(args.space)
+    base = _load(args, extra)
+    directory = args.dir or f"runs/{base.name}-sweep"
+
+    def make_config(trial_overrides: list[str]):
+        return _load(args, [*extra, *trial_overrides])
+
+    result = sweep(make_config, space, directory, args.trials, args.parallel, args.metric, args.pruner)
+    print(result.table)
+    print(f"best: {args.metric} {result.best_value:.4f} with {result.best_params}")
+    print(f"best config delta: {result.best_file}" + (f"; plot: {result.plot}" if result.plot else ""))
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace, extra: list[str]) -> int:
+    from lmkiln.sweep.lr_find import lr_range_test, plot_range_test
+
+    cfg = _load(args, extra)
+    result = lr_range_test(cfg, args.steps, args.start, args.end)
+    shown = range(0, len(result.lrs), max(1, len(result.lrs) // 12))
+    print("lr          smoothed loss")
+    for i in shown:
+        print(f"{result.lrs[i]:<11.3g} {result.losses[i]:.4f}")
+    if result.diverged_at:
+        print(f"stopped at lr {result.diverged_at:.3g}: the loss passed 4x its minimum")
+    plot = plot_range_test(result, args.plot) if args.plot else None
+    print(
+        f"suggested optim.lr={result.suggestion:.3g} (steepest descent)" + (f"; plot: {plot}" if plot else "")
+    )
+    return 0
+
+
+def _write_run_report(run_dir) -> None:
+    """Every run ends with its report.html; a failure to write it never fails the run."""
+    from lmkiln.report import write_report
+
+    try:
+        print(f"report: {write_report([run_dir], samples=0)}")
+    except Exception as err:  # the run itself succeeded
+        log.warning("could not write the HTML report: %s", err)
+
+
+def _add_plan_commands(sub: argparse._SubParsersAction) -> None:
+    plan = _config_parser(
+        "plan", "predict a run's memory and time on this machine and recommend a size and batch", sub
+    )
+    plan.add_argument("--memory", help="memory to fit, e.g. 24GiB: picks the micro-batch and checkpointing")
+    plan.add_argument("--time", help="time budget, e.g. 10m: the compute-optimal model size for it")
+    plan.add_argument("--device", choices=["cpu", "cuda"], help="plan for this device (train.device)")
+    plan.add_argument("--save", metavar="FILE", help="also write the plan's figures as JSON")
+    plan.set_defaults(func=cmd_plan)
+    report = sub.add_parser("report", help="write a self-contained HTML report of one or more runs")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", help="where to write it (default RUN_DIR/report.html of the first run)")
+    report.add_argument(
+        "--samples", type=NON_NEGATIVE_INT, default=2, help="samples to generate per run (0 = none)"
+    )
+    report.set_defaults(func=cmd_report)
+    sweep = _config_parser("sweep", "tune hyper-parameters with Optuna (TPE, pruning, resumable)", sub)
+    sweep.add_argument(
+        "--space", required=True, help="YAML file: config key -> {low, high, log} or {choices}"
+    )
+    sweep.add_argument("--trials", type=COUNT, default=10, help="trials the study should hold when done")
+    sweep.add_argument(
+        "--parallel", type=COUNT, default=1, help="trials run at once (threads of this process)"
+    )
+    sweep.add_argument(
+        "--dir", help="sweep directory (default runs/NAME-sweep): study.db, trial-NNN/, best.yaml"
+    )
+    sweep.add_argument("--metric", default="val_loss", help="validation metric to minimise")
+    sweep.add_argument("--pruner", default="median", choices=["median", "halving", "none"])
+    sweep.set_defaults(func=cmd_sweep)
+    lr_find = _config_parser("lr-find", "learning-rate range test: a quick first guess for optim.lr", sub)
+    lr_find.add_argument("--steps", type=_number(int, 10), default=100)
+    lr_find.add_argument("--start", type=_number(float, 0, low_open=True), default=1e-6)
+    lr_find.add_argument("--end", type=_number(float, 0, low_open=True), default=1.0)
+    lr_find.add_argument("--plot", metavar="PNG", help="write the loss-by-rate curve here")
+    lr_find.set_defaults(func=cmd_lr_find)
+    runs = sub.add_parser("runs", help="list runs under a directory with their final metrics")
+    runs.add_argument("dir", nargs="?", default="runs", metavar="DIR")
+    runs.set_defaults(func=cmd_runs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="lmkiln",
@@ -1014,6 +1137,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--force", action="store_true", help="resume even if settings changed")
     finetune.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     finetune.set_defaults(func=cmd_finetune)
+    _add_plan_commands(sub)
 
     evaluate = sub.add_parser(
         "eval",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,7 +210,10 @@ def pretrain(
     force: bool = False,
     overwrite: bool = False,
     runtime: Runtime | None = None,
+    on_eval: Callable[[int, dict[str, float]], bool] | None = None,
 ) -> PretrainResult:
+    """Prepare data, build the model and train it; `on_eval(step, metrics)` returning True stops
+    the run after that evaluation (a sweep pruning a trial)."""
     runtime = runtime or Runtime.start(cfg.train, cfg.dist)
     source, initial = adopt_init_from(cfg) if cfg.train.init_from else (cfg, None)
     # the main process prepares tokenizer and shards; the others then open the same cached files
@@ -265,7 +269,7 @@ def pretrain(
         fingerprint=fingerprint,
         flops_per_token=training_flops_per_token(cfg.model, t.seq_len),
     )
-    trainer = TrainLoop(setup, run, runtime, run_dir)
+    trainer = TrainLoop(setup, run, runtime, run_dir, on_eval)
     result = trainer.fit(resume=resume, force=force)
     if (
         trainer.sharded and runtime.is_main

@@ -108,7 +108,12 @@ class TrainLoop:
     """
 
     def __init__(
-        self, setup: TrainSetup, cfg: Config | ResolvedConfig, runtime: Runtime, run_dir: Path | None
+        self,
+        setup: TrainSetup,
+        cfg: Config | ResolvedConfig,
+        runtime: Runtime,
+        run_dir: Path | None,
+        on_eval: Callable[[int, dict[str, float]], bool] | None = None,
     ) -> None:
         resolved = cfg if isinstance(cfg, ResolvedConfig) else resolve(cfg, runtime.world_size)
         if resolved.batch.world_size != runtime.world_size:
@@ -137,6 +142,9 @@ class TrainLoop:
         self.last_saved_step = -1
         self.signum: int | None = None
         self.log = RunLog.disabled()
+        # called with (step, validation metrics) after each evaluation; True stops the run
+        # ("pruned": a hyper-parameter search gave up on it)
+        self.on_eval = on_eval
         self.stall = StallWatch(setup.total_steps, setup.stall_hint) if setup.stall_hint else None
 
     @property
@@ -242,8 +250,9 @@ class TrainLoop:
         if self.state.step % tcfg.log_every == 0 or last:
             self._log_step(lr, result)
         stop = None
-        if setup.evaluate is not None and (self._eval_due(epoch_before) or last) and self._evaluate(last):
-            stop, last = "early_stopping", True
+        if setup.evaluate is not None and (self._eval_due(epoch_before) or last):
+            stop = self._evaluate(last)
+            last = last or stop is not None
         if self.state.step % tcfg.save_every == 0 or last:
             self.save(final=last)
         if self.signum is not None:
@@ -400,10 +409,17 @@ class TrainLoop:
             self.log.record("stall", stalled)
         return metrics
 
-    def _evaluate(self, final: bool = False) -> bool:
-        """Run validation, track the best value; True when early stopping says stop."""
+    def _evaluate(self, final: bool = False) -> str | None:
+        """Run validation, track the best value; why the run stops now ("early_stopping", "pruned"), or None."""
         metrics = self.last_eval = self._run_evaluation()
         self.log.plot()
+        patience_spent = self._improved_or_patient(metrics, final)
+        if self.on_eval is not None and self.on_eval(self.state.step, metrics):
+            return "pruned"
+        return "early_stopping" if patience_spent else None
+
+    def _improved_or_patient(self, metrics: dict[str, float], final: bool) -> bool:
+        """Track the best value (saving its checkpoint); True when early stopping says stop."""
         value = metrics[self._monitor(metrics)]
         best = self.state.best_value
         sign = 1 if self.tcfg.monitor_mode == "min" else -1

@@ -1,0 +1,109 @@
+"""Measured peak memory and step time of a training run, in a fresh process.
+
+`python -m lmkiln.plan.measure STEPS KEY=VALUE ...` builds the model and optimizer a run of that
+config builds, trains STEPS steps on random tokens and prints one JSON line: `peak_mb`, the
+process's peak resident memory (VmHWM) minus its resident memory just before the model was built
+(imports and the batch excluded), and `step_s`, the fastest step after the first two (the
+least disturbed by other processes on a shared machine). A fresh process, because a peak
+cannot be reset. The plan uses it once per machine for the runtime's own overhead; the
+plan-accuracy benchmark uses it for every configuration it checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status", encoding="utf-8") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def measure_here(overrides: list[str], steps: int) -> dict[str, float]:
+    """Train `steps` steps in this process; call it in a fresh one (see `measure`)."""
+    from lmkiln.config import build_config, parse_overrides, resolve
+    from lmkiln.plan.speed import build_model, synthetic_batch
+    from lmkiln.train.objectives import LanguageModelLoss
+    from lmkiln.train.optim import build_optimizer
+    from lmkiln.train.runtime import Runtime
+    from lmkiln.train.step import train_step
+
+    # LoRA keys next to a pretraining model's: the sections are not checked against a task
+    cfg = build_config([("measure", parse_overrides(overrides))], check_sections=False)
+    run = resolve(cfg)
+    lora = cfg.finetune if cfg.finetune.method == "lora" else None
+    if lora is not None:
+        import peft  # noqa: F401  (its imports are not training memory)
+    runtime = Runtime.start(cfg.train, cfg.dist)
+    batch = synthetic_batch(cfg.model, run.batch.micro_batch_size, cfg.train.seq_len, runtime.device)
+    baseline = _status_mb("VmRSS")
+    model = build_model(cfg.model, cfg, runtime.device, lora).train()
+    optimizer = build_optimizer(model, cfg.optim)
+    durations = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        result = train_step(model, LanguageModelLoss(), [batch] * run.batch.accumulation, runtime, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.loss.item()
+        durations.append(time.perf_counter() - started)
+    return {"peak_mb": _status_mb("VmHWM") - baseline, "step_s": min(durations[2:] or durations)}
+
+
+def measure(overrides: list[str], steps: int = 6) -> dict[str, float]:
+    """`measure_here` in a fresh Python process (same interpreter and lmkiln)."""
+    import lmkiln
+
+    source = os.path.dirname(os.path.dirname(lmkiln.__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmkiln.plan.measure", str(steps), *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"measuring {' '.join(overrides)} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+TINY = [
+    "model.n_layer=1",
+    "model.d_model=64",
+    "model.n_head=2",
+    "model.vocab_size=64",
+    "model.block_size=16",
+    "train.seq_len=16",
+    "train.batch_size=1",
+]
+"""A model whose tensors are negligible: what its training adds is the runtime's own memory."""
+
+
+def runtime_overhead(cpu_matmul: str, cache_dir: Path) -> int:
+    """Bytes a training process adds beyond its tensors on this machine (code pages of the kernels
+    it touches, oneDNN primitives, thread pools, allocator slack); measured once and cached."""
+    import torch
+
+    path = cache_dir / "plan" / f"overhead-torch{torch.__version__}-{cpu_matmul}.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))["bytes"]
+    measured = int(measure([*TINY, f"train.cpu_matmul={cpu_matmul}"], steps=3)["peak_mb"] * 2**20)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"bytes": measured}), encoding="utf-8")
+    return measured
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.disable(logging.WARNING)
+    print(json.dumps(measure_here(sys.argv[2:], int(sys.argv[1]))), flush=True)

@@ -1,0 +1,205 @@
+"""Predicted peak memory of a training step, part by part, for one process and per strategy.
+
+Weights, gradients and optimizer state follow from the parameter counts. Activations are not
+guessed from a formula: `probe_activations` runs one forward pass of a one- and a two-block copy
+of the model (a tiny vocabulary, one sequence) under `saved_tensors_hooks` and adds up the
+tensors autograd keeps for the backward pass. The difference is one block's saved activations,
+exact for this architecture, whatever it uses (SwiGLU, dropout masks, LoRA branches,
+checkpointing); the logits, which a real vocabulary makes large, are added from their shape.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch.autograd.graph import saved_tensors_hooks
+
+from lmkiln.config import FinetuneConfig, ModelConfig
+from lmkiln.model.loss import CHUNK_ABOVE, CHUNK_LOGITS
+from lmkiln.model.transformer import Transformer, count_parameters
+
+FP32 = 4
+OPTIMIZER_STATES: dict[str, int] = {"adamw": 2, "adam": 2, "sgd": 1, "rmsprop": 2, "adagrad": 1}
+"""fp32 tensors of optimizer state per trainable parameter (SGD and RMSprop with momentum)."""
+PROBE_VOCAB = 64
+"""Vocabulary of the probe models: the logits are added from their real shape instead."""
+
+
+@dataclass(frozen=True)
+class ActivationProbe:
+    """Bytes autograd saves for one sequence of seq_len tokens."""
+
+    per_block: int
+    """One transformer block (what activation checkpointing would otherwise keep)."""
+    per_block_checkpointed: int
+    """One block when checkpointed: its input only."""
+    outside_blocks: int
+    """Embeddings, final norm and the head's input, without the logits themselves."""
+    total_parameters: int
+    trainable_parameters: int
+    embedding_parameters: int
+
+
+def _saved_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> int:
+    """Bytes of the distinct tensors autograd saves in one forward pass (parameters excluded)."""
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights and storage.nbytes():
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(tokens, targets=tokens)
+    return sum(saved.values())
+
+
+def _probe_model(cfg: ModelConfig, n_layer: int, lora: FinetuneConfig | None) -> Transformer:
+    model = Transformer(replace(cfg, n_layer=n_layer, vocab_size=PROBE_VOCAB))
+    if lora is not None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        targets = [t for t in lora.lora_targets if t in present]
+        config = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, target_modules=targets)
+        model = inject_adapter_in_model(config, model)
+        for name, param in model.named_parameters():
+            param.requires_grad_("lora_" in name)
+    return model.train()
+
+
+def probe_activations(cfg: ModelConfig, seq_len: int, lora: FinetuneConfig | None = None) -> ActivationProbe:
+    """Saved activations of this architecture at seq_len (a few ms to a few s, on the CPU)."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, PROBE_VOCAB, (1, seq_len))
+    saved = {}
+    for checkpointed in (False, True):
+        for layers in (1, 2):
+            model = _probe_model(cfg, layers, lora)
+            model.checkpoint_activations = checkpointed
+            saved[checkpointed, layers] = _saved_bytes(model, tokens)
+    per_block = saved[False, 2] - saved[False, 1]
+    logits = seq_len * PROBE_VOCAB * FP32  # the log-softmax output the loss keeps
+    total, trainable, embedding = _parameter_counts(cfg, lora)
+    return ActivationProbe(
+        per_block=per_block,
+        per_block_checkpointed=saved[True, 2] - saved[True, 1],
+        outside_blocks=max(saved[False, 1] - per_block - logits, 0),
+        total_parameters=total,
+        trainable_parameters=trainable,
+        embedding_parameters=embedding,
+    )
+
+
+def _parameter_counts(cfg: ModelConfig, lora: FinetuneConfig | None) -> tuple[int, int, int]:
+    """(total, trainable, embedding) of the full-size model, computed from two small ones."""
+    small = [_probe_model(cfg, n, lora) for n in (1, 2)]
+    per_block = [count_parameters(m) - count_parameters(small[0]) for m in small][1]
+    per_block_trainable = count_parameters(small[1], True) - count_parameters(small[0], True)
+    rest = count_parameters(small[0]) - per_block
+    rest_trainable = count_parameters(small[0], True) - per_block_trainable
+    vocab_rows = (cfg.vocab_size - PROBE_VOCAB) * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    total = rest + vocab_rows + cfg.n_layer * per_block
+    trainable = rest_trainable + cfg.n_layer * per_block_trainable
+    if lora is None:
+        trainable += vocab_rows
+    else:  # LoRA adapters are the only trainable weights (the probe has no adapter on lm_head)
+        total -= cfg.n_layer * per_block_trainable + rest_trainable
+    embedding = cfg.vocab_size * cfg.d_model + (
+        cfg.block_size * cfg.d_model if cfg.position == "learned" else 0
+    )
+    return total, trainable, embedding
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted peak bytes of one training process, by part."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    """Saved for backward across all blocks (per micro-batch)."""
+    activations_per_block: int
+    logits: int
+    """The logits, their log-softmax and gradient at the head (one chunk's when chunked)."""
+    backward_transient: int
+    """Gradients of one block's activations while backward runs through it (and a recomputed block)."""
+    runtime: int
+    """What the training process adds beyond its tensors, measured on this machine
+    (`lmkiln.plan.measure.runtime_overhead`)."""
+    kv_cache: int
+    """Keys and values of block_size tokens for one sequence at generation time (not part of the peak)."""
+
+    @property
+    def total(self) -> int:
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer
+            + self.activations
+            + self.logits
+            + self.backward_transient
+            + self.runtime
+        )
+
+
+def logits_bytes(tokens: int, vocab_size: int) -> int:
+    """Logit-sized tensors alive at once around the loss: logits, log-softmax and their gradient."""
+    if tokens * vocab_size > CHUNK_ABOVE:  # lm_cross_entropy then works on chunks of CHUNK_LOGITS
+        rows = max(1, CHUNK_LOGITS // vocab_size)
+        return 3 * rows * vocab_size * FP32
+    return 3 * tokens * vocab_size * FP32
+
+
+def training_memory(
+    cfg: ModelConfig,
+    probe: ActivationProbe,
+    micro_batch: int,
+    seq_len: int,
+    optimizer: str = "adamw",
+    checkpointing: bool = False,
+    runtime_overhead: int = 0,
+) -> MemoryEstimate:
+    """One process, fp32 weights (the CPU default; bf16 autocast keeps fp32 masters too)."""
+    trainable = probe.trainable_parameters
+    per_block = probe.per_block_checkpointed if checkpointing else probe.per_block
+    activations = micro_batch * (cfg.n_layer * per_block + probe.outside_blocks)
+    # backward holds the gradient of one block's activations; checkpointing first recomputes them
+    transient = micro_batch * probe.per_block * (2 if checkpointing else 1)
+    return MemoryEstimate(
+        weights=probe.total_parameters * FP32,
+        gradients=trainable * FP32,
+        optimizer=OPTIMIZER_STATES[optimizer] * trainable * FP32,
+        activations=activations,
+        activations_per_block=micro_batch * per_block,
+        logits=logits_bytes(micro_batch * seq_len, cfg.vocab_size),
+        backward_transient=transient,
+        runtime=runtime_overhead,
+        kv_cache=2 * cfg.n_layer * cfg.kv_heads * cfg.head_dim * cfg.block_size * FP32,
+    )
+
+
+def per_strategy(estimate: MemoryEstimate, n_layer: int, world_size: int) -> dict[str, int]:
+    """Peak bytes per process for each way of spreading the run over `world_size` processes.
+
+    DDP replicates everything and adds gradient buckets (a second copy of the gradients); FSDP2
+    shards weights, gradients and optimizer state and gathers one block's weights at a time (two
+    with prefetching); CPU offload keeps FSDP's shards in host memory (`fsdp_offload_host`), so
+    the device holds the activations and the gathered blocks only.
+    """
+    states = estimate.weights + estimate.gradients + estimate.optimizer
+    activations = estimate.total - states
+    gathered = 2 * estimate.weights // max(n_layer, 1)
+    sharded = math.ceil(states / world_size)
+    return {
+        "single": estimate.total,
+        "ddp": estimate.total + estimate.gradients,
+        "fsdp": activations + sharded + gathered,
+        "fsdp_offload_device": activations + gathered,
+        "fsdp_offload_host": sharded,
+    }
