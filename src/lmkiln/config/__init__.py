@@ -49,6 +49,7 @@ from lmkiln.config.schema import (
     TokenizerConfig,
     TrainConfig,
     batch_plan,
+    parse_duration,
     validate,
 )
 
@@ -58,6 +59,7 @@ __all__ = [
     "BatchPlan",
     "ResolvedConfig",
     "batch_plan",
+    "parse_duration",
     "resolve",
     "TASK_SECTIONS",
     "Config",
