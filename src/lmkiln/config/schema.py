@@ -496,13 +496,12 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-def parse_duration(text: str, key: str = "train.max_time") -> float:
-    """Seconds in '600', '90s', '10m' or '1.5h'; a one-line error naming `key` otherwise."""
+def parse_duration(text: str, what: str = "config key 'train.max_time'") -> float:
+    """Seconds in '600', '90s', '10m' or '1.5h'; a one-line error naming `what` (the key or flag)
+    otherwise. The one duration parser: `lmkiln plan --time` uses it too."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", str(text).lower())
     if match is None or float(match.group(1)) <= 0:
-        raise LmkilnError(
-            f"config key '{key}' must be a positive duration such as 600, 90s, 10m or 1.5h, got {text!r}"
-        )
+        raise LmkilnError(f"{what} must be a positive duration such as 600, 90s, 10m or 1.5h, got {text!r}")
     return float(match.group(1)) * DURATION_UNITS[match.group(2)]
 
 
