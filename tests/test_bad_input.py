@@ -204,7 +204,7 @@ CASES: list[tuple[str, str]] = [
     ("eval-retrieval {w}/enc-corrupt --pairs {w}/pairs.jsonl", "not a readable safetensors file"),
     # plan, sweep, lr-find, report, runs
     ("plan --memory lots", "--memory 'lots': give a size such as 24GiB"),
-    ("plan --time soon", "--time 'soon': give a duration such as 90s"),
+    ("plan --time soon", "--time must be a positive duration such as 600, 90s, 10m or 1.5h, got 'soon'"),
     ("plan model.d_model=66 model.n_head=4", "must be divisible by model.n_head"),
     ("sweep --space {w}/missing.yaml", "search space file not found: {w}/missing.yaml"),
     ("lr-find --steps 0", "argument --steps: must be at least 10, got 0"),

@@ -218,7 +218,8 @@ def test_padding_slots_carry_no_targets_and_packing_covers_every_example_once():
     ]
     examples, _ = encoder.encode_all(records, "train")
     batch = padded_collate(examples, tok.pad_id)([0, 1, -1])
-    assert (batch["labels"][2] == IGNORE_INDEX).all() and batch["attention_mask"][2].sum() == 1
+    assert (batch["labels"][2] == IGNORE_INDEX).all() and batch["lengths"][2] == 0
+    assert "attention_mask" not in batch  # right padding: causal attention never reaches a pad
     rows = pack_plan([len(e.input_ids) for e in examples], 40, seed=0)
     assert sorted(i for row in rows for i in row) == list(range(23))
     assert all(sum(len(examples[i].input_ids) for i in row) <= 40 for row in rows)

@@ -407,7 +407,11 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     from lmkiln.infer.generate import generate_text
     from lmkiln.runs.load import load_run
 
+    if args.beams < 1:
+        raise LmkilnError(f"--beams must be at least 1, got {args.beams}")
     loaded = load_run(args.run_dir, device=args.device)
+    if args.beams > 1:
+        return _generate_beams(loaded, args)
     sampling = _sampling(args)
     prompts = args.prompt or [""]
     for index, prompt in enumerate(prompts):
@@ -422,6 +426,20 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
 
         generate_text(loaded.model, loaded.tokenizer, [prompt], sampling, on_text=stream)
         sys.stdout.write("\n")
+    return 0
+
+
+def _generate_beams(loaded, args: argparse.Namespace) -> int:
+    """Beam search: the best continuation of each prompt, printed whole (nothing to stream)."""
+    from lmkiln.model.beam import beam_search_ids
+
+    tokenizer = loaded.tokenizer
+    for index, prompt in enumerate(args.prompt or [""]):
+        ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+        found = beam_search_ids(
+            loaded.model, ids, args.beams, args.max_new_tokens, tokenizer.eos_id, args.length_penalty
+        )
+        sys.stdout.write(("\n---\n" if index else "") + prompt + tokenizer.decode(found.tokens) + "\n")
     return 0
 
 
@@ -596,6 +614,8 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
         extra,
         args.device,
         args.candidates,
+        args.beams,
+        args.length_penalty,
     )
     out = Path(args.out) if args.out else Path(args.run_dir) / f"eval-{args.task}.json"
     write_result(result, out, {"run": str(args.run_dir), "data": str(args.data)})
@@ -1096,7 +1116,9 @@ def build_parser() -> argparse.ArgumentParser:
         "fine-tune a trained model on a task file (default recipe: sft-FORMAT, or preference)",
         sub,
     )
-    finetune.add_argument("--base", help="the model to fine-tune: an lmkiln run directory (finetune.base)")
+    finetune.add_argument(
+        "--base", help="the model to fine-tune: an lmkiln run directory, or scratch (finetune.base)"
+    )
     finetune.add_argument("--data", help="training examples: .jsonl, .csv or .parquet (finetune.data)")
     finetune.add_argument(
         "--format",
@@ -1160,6 +1182,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="memorization: random candidates each canary is ranked among",
     )
     evaluate.add_argument("--max-new-tokens", type=COUNT, default=64)
+    evaluate.add_argument("--beams", type=COUNT, default=1, help="beam search width (1 = greedy)")
+    evaluate.add_argument(
+        "--length-penalty",
+        type=_number(float),
+        default=1.0,
+        help="beam search: score = log-prob / length**this",
+    )
     evaluate.add_argument("--batch-size", type=COUNT, default=16)
     evaluate.add_argument(
         "--limit", type=NON_NEGATIVE_INT, default=0, help="evaluate the first N examples only (0 = all)"
@@ -1209,6 +1238,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", action="append", help="prompt text (repeat for several)")
     _sampling_options(generate)
     generate.add_argument("--device", type=_device, default="cpu")
+    generate.add_argument("--beams", type=COUNT, default=1, help="beam search width (>1 ignores sampling)")
+    generate.add_argument(
+        "--length-penalty",
+        type=_number(float),
+        default=1.0,
+        help="beam search: score = log-prob / length**this",
+    )
     generate.set_defaults(func=cmd_generate)
     _add_use_commands(sub)
     _add_interop_commands(sub)

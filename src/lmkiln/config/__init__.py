@@ -52,6 +52,7 @@ from lmkiln.config.schema import (
     TokenizerConfig,
     TrainConfig,
     batch_plan,
+    parse_duration,
     validate,
 )
 
@@ -61,6 +62,7 @@ __all__ = [
     "BatchPlan",
     "ResolvedConfig",
     "batch_plan",
+    "parse_duration",
     "resolve",
     "TASK_SECTIONS",
     "Config",

@@ -142,6 +142,7 @@ FIELD_RANGES: dict[str, Range] = {
     "finetune.max_length": NON_NEGATIVE,
     "finetune.eval_samples": NON_NEGATIVE,
     "finetune.max_new_tokens": AT_LEAST_1,
+    "finetune.scratch_vocab": Range(265),  # the byte alphabet (256) + 9 special tokens
     "finetune.beta": POSITIVE,
     "finetune.label_smoothing": Range(0, 0.5, high_open=True),  # 0.5 would make DPO indifferent
 }

@@ -8,6 +8,7 @@ are Literal types that equal the registries they name (tests check). Cross-field
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -182,6 +183,8 @@ class TrainConfig:
     """Optimizer steps to train for (the schedule's length unless max_epochs is set)."""
     max_epochs: int = 0
     """Train for this many passes over the training data instead of max_steps (0 = use max_steps)."""
+    max_time: str = ""
+    """Wall-clock budget of the training steps, e.g. 600, 90s, 10m, 1.5h (empty = none): the run stops at it, the schedule decays to it; max_steps/max_epochs still cap the run."""
     batch_size: int = 16
     """Sequences (or examples) per optimizer step, across all processes and micro-batches."""
     micro_batch_size: int = 0
@@ -333,7 +336,11 @@ class EncoderConfig:
 @dataclass
 class FinetuneConfig:
     base: str = ""
-    """The model to fine-tune: an lmkiln run directory (or one of its checkpoints); its tokenizer comes along."""
+    """The model to fine-tune: an lmkiln run directory (or one of its checkpoints; its tokenizer comes along), a local Hugging Face directory, or 'scratch' (random weights of scratch_preset + a BPE tokenizer trained on the task's training examples)."""
+    scratch_preset: str = "task-5m"
+    """base=scratch: the model size preset (model.preset names: tiny, task-5m, small-10m, ...)."""
+    scratch_vocab: int = 8000
+    """base=scratch: vocabulary size of the tokenizer trained on the training examples."""
     data: str = ""
     """Training examples: a .jsonl, .csv or .parquet file (one example per row)."""
     val_data: str = ""
@@ -370,6 +377,8 @@ class FinetuneConfig:
     """Extra special tokens to add to the tokenizer; their embedding rows are added and trained."""
     train_on_prompt: bool = False
     """Also train on prompt/user tokens (by default only response/assistant tokens and EOS are trained)."""
+    group_by_length: bool = True
+    """Padded batches: fill each step with examples of similar length (sorted within windows of 32 steps), so less of each batch is padding."""
     packing: bool = False
     """Pack several examples per sequence of max_length (attention stays inside each example) instead of padding."""
     max_length: int = 0
@@ -458,6 +467,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         bias=False,
         dropout=0.0,
     ),
+    "task-5m": dict(n_layer=4, n_head=4, d_model=256, block_size=256),
     "small-10m": dict(n_layer=6, n_head=6, d_model=384, block_size=256),
     "gpt2-124m": dict(
         n_layer=12,
@@ -483,6 +493,18 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str, what: str = "config key 'train.max_time'") -> float:
+    """Seconds in '600', '90s', '10m' or '1.5h'; a one-line error naming `what` (the key or flag)
+    otherwise. The one duration parser: `lmkiln plan --time` uses it too."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", str(text).lower())
+    if match is None or float(match.group(1)) <= 0:
+        raise LmkilnError(f"{what} must be a positive duration such as 600, 90s, 10m or 1.5h, got {text!r}")
+    return float(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
 def validate(cfg: Config) -> None:
     """Every numeric key's declared range (`ranges.FIELD_RANGES`), then cross-field checks."""
     check_ranges(cfg)
@@ -502,6 +524,8 @@ def validate(cfg: Config) -> None:
             f"train.seq_len ({t.seq_len}) is longer than the model's maximum context "
             f"model.block_size ({m.block_size}); lower train.seq_len or raise model.block_size"
         )
+    if t.max_time:
+        parse_duration(t.max_time)
     tab = cfg.table
     if tab.val_fraction + tab.test_fraction >= 1:
         raise LmkilnError(

@@ -190,6 +190,10 @@ def pack_examples(
 # Epochs over map-style datasets (classification, fine-tuning)
 
 
+GROUP_STEPS = 32
+"""Steps per window that length grouping sorts (a wider window pads less but is less random)."""
+
+
 class EpochBatches:
     """Micro-batches of dataset indices, every example exactly once per epoch across all ranks.
 
@@ -211,6 +215,7 @@ class EpochBatches:
         shuffle: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        lengths: Sequence[int] | None = None,
     ) -> None:
         if size <= 0:
             raise LmkilnError("the training set is empty")
@@ -221,12 +226,29 @@ class EpochBatches:
         self.steps_per_epoch = -(-size // batch_size)
         self.epoch, self.index = 0, 0  # index counts this rank's micro-batches within the epoch
         self._order: np.ndarray | None = None
+        self.lengths = None if lengths is None else np.asarray(lengths)
+        """Example lengths: with them, each step's examples have similar lengths (less padding)."""
 
     def _epoch_order(self) -> np.ndarray:
         if self._order is None:
             rng = np.random.default_rng([self.seed, self.epoch])
             self._order = rng.permutation(self.size) if self.shuffle else np.arange(self.size)
+            if self.lengths is not None:
+                self._order = self._grouped(self._order, rng)
         return self._order
+
+    def _grouped(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Sort each window of GROUP_STEPS steps by length, cut it into steps, shuffle the steps.
+
+        A step then pads to a length near its own examples' (sentence pairs: ~1.6x fewer pad
+        tokens), while the windows keep the epoch random. A short last step stays last.
+        """
+        window = self.batch_size * GROUP_STEPS
+        parts = [order[i : i + window] for i in range(0, len(order), window)]
+        grouped = np.concatenate([p[np.argsort(self.lengths[p], kind="stable")] for p in parts])
+        full = len(grouped) // self.batch_size * self.batch_size
+        steps = grouped[:full].reshape(-1, self.batch_size)[rng.permutation(full // self.batch_size)]
+        return np.concatenate([steps.reshape(-1), grouped[full:]])
 
     def micro_indices(self, step: int, slot: int) -> list[int]:
         """Indices of micro-batch `slot` (0..accumulation-1) of this rank at `step` of the epoch."""
@@ -281,7 +303,12 @@ class CollatedBatches:
         self.indices.load_state_dict(state)
 
 
-def epoch_stream(size: int, plan: BatchPlan, seed: int, rank: int, collate) -> CollatedBatches:
-    """The resumable training stream over a map-style dataset of `size` examples, cut by `plan`."""
-    indices = EpochBatches(size, plan.batch_size, plan.micro_batch_size, seed, True, rank, plan.world_size)
+def epoch_stream(
+    size: int, plan: BatchPlan, seed: int, rank: int, collate, lengths: Sequence[int] | None = None
+) -> CollatedBatches:
+    """The resumable training stream over a map-style dataset of `size` examples, cut by `plan`;
+    given the examples' `lengths`, each step holds examples of similar length."""
+    indices = EpochBatches(
+        size, plan.batch_size, plan.micro_batch_size, seed, True, rank, plan.world_size, lengths
+    )
     return CollatedBatches(indices, collate)

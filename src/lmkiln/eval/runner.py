@@ -34,6 +34,7 @@ from lmkiln.data.tokenizer import Tokenizer
 from lmkiln.errors import LmkilnError
 from lmkiln.eval.text_metrics import bleu_chrf, exact_match_f1, rouge
 from lmkiln.files import write_json_atomic
+from lmkiln.model.beam import beam_search_ids, check_beams
 from lmkiln.model.generate import Sampling, generate_ids
 from lmkiln.runs import checkpoint as ckpt
 from lmkiln.runs.load import find_checkpoint, load_classifier, load_run
@@ -86,8 +87,20 @@ def generate_batched(
     batch_size: int,
     stop_id: int,
     pad_id: int,
+    beams: int = 1,
+    length_penalty: float = 1.0,
 ) -> tuple[list[list[int]], list[bool]]:
-    """Greedy continuations of every prompt (similar lengths batched together) and whether each ended at stop_id."""
+    """Greedy (or beam-search) continuations of every prompt and whether each ended at stop_id.
+
+    Greedy batches prompts of similar lengths; beam search runs one prompt at a time, its beams
+    as the batch (`lmkiln.model.beam`).
+    """
+    check_beams(beams)
+    if beams > 1:
+        found = [
+            beam_search_ids(model, list(p), beams, max_new_tokens, stop_id, length_penalty) for p in prompts
+        ]
+        return [h.tokens for h in found], [h.ended for h in found]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[list[int]] = [[] for _ in prompts]
     stopped = [False] * len(prompts)
@@ -125,8 +138,10 @@ def evaluate_generation(
     batch_size: int,
     task: str | None = None,
     label_set: Sequence[str] = (),
+    beams: int = 1,
+    length_penalty: float = 1.0,
 ) -> EvalResult:
-    """Generate for each record's prompt and score against its references."""
+    """Generate for each record's prompt (greedy, or beam search of width `beams`) and score it."""
     task = task or cfg.format
     started = time.perf_counter()
     block = model.cfg.block_size
@@ -143,7 +158,9 @@ def evaluate_generation(
         raise LmkilnError(f"no prompt fits the model's context of {block} tokens")
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     stop = stop_token(task, tokenizer)
-    outputs, stopped = generate_batched(model, prompts, max_new_tokens, batch_size, stop, pad)
+    outputs, stopped = generate_batched(
+        model, prompts, max_new_tokens, batch_size, stop, pad, beams, length_penalty
+    )
     predictions = [tokenizer.decode(ids, skip_special=True).strip() for ids in outputs]
     references = [_references(r) for r in kept]
     if task == "classification":
@@ -233,6 +250,8 @@ def evaluate_run(
     overrides: list[str] | None = None,
     device: str = "cpu",
     candidates: int = 2000,
+    beams: int = 1,
+    length_penalty: float = 1.0,
 ) -> EvalResult:
     """Load a run (LoRA merged), read `data` as the task's format and compute the task's metrics.
     Memorization needs no data: it reads the run's canaries and shards (`limit` = documents)."""
@@ -240,6 +259,8 @@ def evaluate_run(
         raise LmkilnError(f"unknown task {task!r}; valid: {', '.join(EVAL_TASKS)}")
     if batch_size <= 0 or max_new_tokens <= 0:
         raise LmkilnError("--batch-size and --max-new-tokens must be positive")
+    if beams < 1:
+        raise LmkilnError(f"--beams must be at least 1, got {beams}")
     if task == "memorization":
         from lmkiln.eval.memorization import evaluate_memorization
 
@@ -283,7 +304,15 @@ def evaluate_run(
         return evaluate_preference(loaded.model, loaded.tokenizer, records, ft, batch_size)
     log.info("%s: %d examples from %s (%s)", task, len(records), data, to_dict(ft)["format"])
     return evaluate_generation(
-        loaded.model, loaded.tokenizer, records, ft, max_new_tokens, batch_size, label_set=cfg.finetune.labels
+        loaded.model,
+        loaded.tokenizer,
+        records,
+        ft,
+        max_new_tokens,
+        batch_size,
+        label_set=cfg.finetune.labels,
+        beams=beams,
+        length_penalty=length_penalty,
     )
 
 

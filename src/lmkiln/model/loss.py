@@ -86,7 +86,14 @@ def lm_cross_entropy(
 
     hidden (N, C), targets (N,). The sum is the same as one `F.cross_entropy` over all rows, up
     to the order of floating-point additions, and so are the gradients.
+
+    Rows whose target is IGNORE_INDEX (padding, and the prompt side of fine-tuning examples)
+    never reach the head: on sentence pairs they were over half the rows, and the head is the
+    largest matrix of a small model (vocab × width).
     """
+    kept = targets != IGNORE_INDEX
+    if not bool(kept.all()):
+        hidden, targets = hidden[kept], targets[kept]  # (N', C), (N',)
     rows = max(1, CHUNK_LOGITS // vocab_size)
     if hidden.shape[0] * vocab_size <= CHUNK_ABOVE or not _chunkable(head):
         return _summed_loss(head(hidden), targets, label_smoothing)

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 
 from lmkiln.config import Config, FinetuneConfig, ModelConfig, resolve
+from lmkiln.config import parse_duration as config_duration
 from lmkiln.data.shards import cache_root
 from lmkiln.errors import LmkilnError
 from lmkiln.model.transformer import training_flops_per_token
@@ -128,7 +129,6 @@ _MEMORY_UNITS = {
     "mib": 2**20,
     "gib": 2**30,
 }
-_TIME_UNITS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600}
 
 
 def parse_memory(text: str) -> int:
@@ -140,11 +140,8 @@ def parse_memory(text: str) -> int:
 
 
 def parse_duration(text: str) -> float:
-    """'10m', '90s', '2h', '45' (seconds) → seconds."""
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match[2].lower() not in _TIME_UNITS:
-        raise LmkilnError(f"--time {text!r}: give a duration such as 90s, 10m or 2h")
-    return float(match[1]) * _TIME_UNITS[match[2].lower()]
+    """'10m', '90s', '2h', '45' (seconds) → seconds, for `--time`."""
+    return config_duration(text, what="--time")
 
 
 def format_bytes(count: float) -> str:

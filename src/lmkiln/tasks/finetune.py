@@ -14,6 +14,7 @@ which folds LoRA adapters into the weights. The base may be a Hugging Face direc
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -105,6 +106,31 @@ def load_base(path: str | Path, max_context: int | None = None) -> Base:
         )
     loaded = load_run(path)
     return Base(loaded.model, loaded.tokenizer, copy.deepcopy(loaded.cfg.model), str(checkpoint.resolve()))
+
+
+def scratch_base(cfg: Config, records: list[Record]) -> Base:
+    """finetune.base=scratch: a seeded random model of scratch_preset and a byte-level BPE trained
+    on the training records' text (prompt fields and targets; validation text is not seen)."""
+    from lmkiln.config import MODEL_PRESETS
+    from lmkiln.data.tokenizer import train_bpe
+
+    ft = cfg.finetune
+    if ft.scratch_preset not in MODEL_PRESETS:
+        raise LmkilnError(
+            f"unknown finetune.scratch_preset {ft.scratch_preset!r}; valid: {', '.join(MODEL_PRESETS)}"
+        )
+    texts = (text for r in records for text in (*r.values.values(), *r.targets) if text)
+    tokenizer = train_bpe(texts, ft.scratch_vocab)
+    shape = {
+        **MODEL_PRESETS[ft.scratch_preset],
+        "vocab_size": tokenizer.vocab_size,
+        "preset": ft.scratch_preset,
+    }
+    model_cfg = dataclasses.replace(ModelConfig(), **shape)
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(model_cfg)
+    source = f"scratch:{ft.scratch_preset}:vocab{tokenizer.vocab_size}:seed{cfg.train.seed}"
+    return Base(model, tokenizer, model_cfg, source)
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,7 +250,10 @@ def finetune(
     runtime = runtime or Runtime.start(cfg.train, cfg.dist)
     train_records, val_records = split_records(cfg)  # data mistakes show before a large base loads
     labels = resolve_labels(ft, train_records, val_records) if ft.format == "classification" else []
-    base = load_base(ft.base, max_context=ft.max_length or None)
+    if ft.base == "scratch":
+        base = scratch_base(cfg, train_records)
+    else:
+        base = load_base(ft.base, max_context=ft.max_length or None)
     tokenizer, new_rows = prepare_tokenizer(base.tokenizer, ft, uses_chat(ft, train_records + val_records))
     max_length = ft.max_length or base.model_cfg.block_size
     if max_length > base.model_cfg.block_size:
@@ -330,7 +359,10 @@ def _train_setup(
         objective = LanguageModelLoss()
         if data.val:
             evaluate = lm_evaluator(eval_batches(data.val, micro, ex.padded_collate(data.val, pad)))
-    batches = epoch_stream(data.size, run.batch, tcfg.seed, runtime.rank, collate)
+    # preference rows are (chosen, rejected) pairs with lengths of their own: kept in random order
+    grouped = ft.group_by_length and data.packed_rows is None and ft.format != "preference"
+    lengths = [len(e.input_ids) for e in data.train] if grouped else None
+    batches = epoch_stream(data.size, run.batch, tcfg.seed, runtime.rank, collate, lengths)
     fingerprint = {
         "base": base.source,
         "tokenizer": tokenizer.fingerprint[:16],
@@ -339,7 +371,10 @@ def _train_setup(
         "train.batch_size": tcfg.batch_size,
         "train.micro_batch_size": micro,
         "world_size": runtime.world_size,
-        **{f"finetune.{k}": getattr(ft, k) for k in ("format", "method", "packing", "max_length", "lora_r")},
+        **{
+            f"finetune.{k}": getattr(ft, k)
+            for k in ("format", "method", "packing", "group_by_length", "max_length", "lora_r")
+        },
         **(
             {f"finetune.{k}": getattr(ft, k) for k in ("objective", "beta", "reference")}
             if ft.objective != "sft"

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmkiln.config import Config, ResolvedConfig, resolve, to_dict
+from lmkiln.config import Config, ResolvedConfig, parse_duration, resolve, to_dict
 from lmkiln.errors import Interrupted, LmkilnError
 from lmkiln.runs import checkpoint as ckpt
 from lmkiln.runs.tensors import load_model_tensors
@@ -136,6 +136,8 @@ class TrainLoop:
             to_dict(resolved.cfg),
             runtime.distributed and distributed.is_sharded(setup.model),
         )
+        self.budget = parse_duration(self.tcfg.max_time) if self.tcfg.max_time else 0.0
+        """train.max_time in seconds (0 = no wall-clock budget)."""
         self.last_eval: dict[str, float] = {}
         self.last_saved_step = -1
         self.signum: int | None = None
@@ -233,7 +235,7 @@ class TrainLoop:
         setup, tcfg = self.setup, self.tcfg
         step = self.state.step
         peak_lr = setup.optimizer.param_groups[0]["peak_lr"]
-        lr = set_learning_rate(setup.optimizer, step, setup.total_steps, self.cfg.schedule) * peak_lr
+        lr = set_learning_rate(setup.optimizer, step, self._schedule_length(), self.cfg.schedule) * peak_lr
         batches = [
             to_device(next(setup.train_batches), self.runtime.device) for _ in range(self.accumulation)
         ]
@@ -243,7 +245,8 @@ class TrainLoop:
         setup.optimizer.step()
         setup.optimizer.zero_grad(set_to_none=True)
         epoch_before = self._count(batches, result)
-        last = self.state.step == setup.total_steps or self._epochs_done()
+        out_of_time = self._out_of_time()
+        last = self.state.step == setup.total_steps or self._epochs_done() or out_of_time
         if self.state.step % tcfg.log_every == 0 or last:
             self._log_step(lr, result)
         stop = None
@@ -255,8 +258,39 @@ class TrainLoop:
         if self.signum is not None:
             raise Interrupted(self.signum, self.state.step, self.save() or self._latest_path())
         if last:
-            return stop or ("max_epochs" if self._epochs_done() else "max_steps")
+            return stop or (
+                "max_epochs" if self._epochs_done() else "max_time" if out_of_time else "max_steps"
+            )
         return None
+
+    # -- the wall-clock budget (train.max_time) ------------------------------------------------
+    def _schedule_length(self) -> int:
+        """Steps the schedule spans: total_steps, or with a budget the steps that fit in it.
+
+        The fit uses the mean time per step so far (evaluations included), so the decay lands at
+        the deadline; it is re-estimated every step and never exceeds total_steps.
+        """
+        step, elapsed = self.state.step, self.state.train_seconds
+        if not self.budget or step == 0 or elapsed <= 0:
+            return self.setup.total_steps
+        fitted = math.ceil(step * self.budget / elapsed)
+        return max(step + 1, min(self.setup.total_steps, fitted))
+
+    def _out_of_time(self) -> bool:
+        """True when the next step would end past the budget (by the mean step time so far)."""
+        if not self.budget:
+            return False
+        step, elapsed = self.state.step, self.state.train_seconds
+        if step == 1 and elapsed > self.budget:
+            raise LmkilnError(
+                f"train.max_time ({self.tcfg.max_time}) is shorter than one training step "
+                f"({elapsed:.1f} s); raise it or make the batch smaller"
+            )
+        late = elapsed + elapsed / step >= self.budget
+        if self.runtime.distributed:  # clocks differ by rank; stop together or collectives hang
+            flag = torch.tensor(float(late), device=self.runtime.device)
+            late = bool(self.runtime.all_reduce_max(flag, "time budget flag").item())
+        return late
 
     def _count(self, batches: list[Batch], result: StepResult) -> int:
         """Advance the counters after an applied step; returns the epoch before it."""
@@ -348,6 +382,8 @@ class TrainLoop:
         self.log.record("train", values)
         rate = self.state.step / max(self.state.train_seconds, 1e-9)
         eta = (self.setup.total_steps - self.state.step) / rate if rate else float("inf")
+        if self.budget:  # a time budget usually ends the run long before max_steps
+            eta = min(eta, max(0.0, self.budget - self.state.train_seconds))
         shown = {"loss": loss, "lr": lr, "grad": values["grad_norm"]}
         shown[f"{self.setup.unit}_per_s"] = values["tokens_per_s"]
         if "mfu" in values:
