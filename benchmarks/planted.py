@@ -6,7 +6,7 @@ prefixes and alphabets, PEM blocks, signed-looking JWTs, ...), in varied formats
 separators, case of keywords) and wrapped in varied surrounding punctuation, inside filler
 sentences. The positions of the planted values are returned, so recall is measured exactly.
 
-    python -m benchmarks.planted --out dirty.jsonl --eval-out qa.jsonl   # the README's demo files
+    python -m benchmarks.planted --out dirty.jsonl --eval-out qa.jsonl   # the data-quality guide's demo files
 """
 
 from __future__ import annotations
@@ -317,7 +317,7 @@ def recall(found: list[list], planted: list[Planted]) -> dict[str, dict]:
 
 
 def demo_corpus(seed: int = 0) -> list[dict]:
-    """Rows of a small dirty corpus for the README: the built-in corpus' paragraphs, planted items,
+    """Rows of a small dirty corpus for the data-quality guide (docs/data-quality.md): the built-in corpus' paragraphs, planted items,
     exact copies (other case and spacing) and near copies (a few words changed)."""
     from lmkiln.data.corpus import iter_documents
 

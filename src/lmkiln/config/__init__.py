@@ -5,9 +5,11 @@ layers.py   defaults → recipe → --config FILE → command line; coercion, er
             source of each value (who set it)
 resolve.py  what a run derives, once: the batch plan, a resolved copy of the config, and the
             fine-tuning defaults that follow the method (with notes saying why)
+reference.py  the configuration reference of the docs, as Markdown, from the same schema walk
 """
 
 from lmkiln.config.layers import (
+    FieldInfo,
     Layer,
     all_keys,
     build_config,
@@ -22,6 +24,7 @@ from lmkiln.config.layers import (
     recipe_summary,
     recipe_text,
     record_sources,
+    section_fields,
     set_by_user,
     to_dict,
     to_yaml,
@@ -67,6 +70,7 @@ __all__ = [
     "DistConfig",
     "EncoderConfig",
     "FinetuneConfig",
+    "FieldInfo",
     "Layer",
     "LogConfig",
     "LossConfig",
@@ -91,6 +95,7 @@ __all__ = [
     "recipe_text",
     "record_sources",
     "method_defaults",
+    "section_fields",
     "set_by_user",
     "value_sources",
     "to_dict",

@@ -426,18 +426,48 @@ def from_dict(tree: dict[str, Any], source: str, config_cls: type = Config) -> C
     return build_config([(source, flatten(tree))], config_cls, check_sections=False)
 
 
-def help_text(config_cls: type = Config, task: str | None = None) -> str:
-    """Every key with its type, default and docstring, grouped by section (only `task`'s sections)."""
-    lines: list[str] = []
+@dataclasses.dataclass(frozen=True)
+class FieldInfo:
+    """One config key as the help text and the documentation's reference show it."""
+
+    section: str
+    name: str
+    hint: Any
+    default: Any
+    doc: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.name}"
+
+
+def section_fields(config_cls: type = Config, task: str | None = None) -> dict[str, list[FieldInfo]]:
+    """Every section of the schema (only `task`'s when given) → its fields, in schema order.
+
+    The one walk over the schema that `--help` and the configuration reference of the docs share,
+    so both always say what the dataclasses say.
+    """
     defaults = config_cls()
+    sections: dict[str, list[FieldInfo]] = {}
     for name, hint in _hints(config_cls).items():
         if not dataclasses.is_dataclass(hint) or (task is not None and name not in TASK_SECTIONS[task]):
             continue
-        lines.append(f"\n{name}:")
         docs = field_docs(hint)
-        for key, sub in _hints(hint).items():
-            default = getattr(getattr(defaults, name), key)
-            lines.append(f"  --{name}.{key} ({type_name(sub)}, default {default!r})")
-            if key in docs:
-                lines.append(f"      {docs[key]}")
+        section = getattr(defaults, name)
+        sections[name] = [
+            FieldInfo(name, key, sub, getattr(section, key), docs.get(key, ""))
+            for key, sub in _hints(hint).items()
+        ]
+    return sections
+
+
+def help_text(config_cls: type = Config, task: str | None = None) -> str:
+    """Every key with its type, default and docstring, grouped by section (only `task`'s sections)."""
+    lines: list[str] = []
+    for name, fields in section_fields(config_cls, task).items():
+        lines.append(f"\n{name}:")
+        for info in fields:
+            lines.append(f"  --{info.key} ({type_name(info.hint)}, default {info.default!r})")
+            if info.doc:
+                lines.append(f"      {info.doc}")
     return "\n".join(lines)

@@ -4,8 +4,8 @@ applied to a model from outside by swapping its `nn.Linear` modules.
 PyTorch sends fp32 `nn.Linear` on CPU to MKL's sgemm, which runs its AVX2 kernels on AMD CPUs.
 oneDNN, shipped inside every PyTorch CPU build, runs AVX-512 kernels there: on the 2-core AMD
 EPYC (Zen 5) development machine one training GEMM took 5.5 ms instead of 11.9 ms, and a
-generation step's matrix-vector products stream the weights at 24 GB/s instead of 15 (README,
-"Performance"). `OneDNNLinear` is an `nn.Linear` (same parameters, state dict and init) whose
+generation step's matrix-vector products stream the weights at 24 GB/s instead of 15
+(docs/performance.md). `OneDNNLinear` is an `nn.Linear` (same parameters, state dict and init) whose
 forward and backward GEMMs go through `torch.ops.mkldnn._linear_pointwise`: the same fp32
 arithmetic in another summation order (relative differences ~1e-6).
 

@@ -8,7 +8,7 @@ and the loss on row chunks of `CHUNK_LOGITS` and computes each chunk's gradients
 backward pass: peak memory holds one chunk's logits; the arithmetic is the same three matrix
 products, plus adding up the head's gradient once per chunk. On the 2-core development CPU, with
 GPT-2's vocabulary at 2,048 tokens per step, that took peak memory from 2,209 to 1,482 MB and made
-the step 7% slower (README, "Performance"), hence the threshold: below it — every small
+the step 7% slower (docs/performance.md), hence the threshold: below it — every small
 vocabulary, and batches whose logits fit in 256 MB — the loss is the plain computation.
 """
 
