@@ -275,6 +275,24 @@ def alternating_paths(examples, steps: int, warmup: int = 2) -> dict[str, float]
     return {name: tokens / seconds for name, (seconds, tokens) in totals.items()}
 
 
+def peak_rss_mb(name: str, steps: int) -> float:
+    """The high-water mark (VmHWM) of a fresh process that runs only `name`: interpreter, torch,
+    the candidate's imports, model, optimizer, activations. Read by the child itself: a forked
+    child's ru_maxrss still counts the parent's pages from before exec."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.task_training", "--memory-child", name, "--steps", str(steps)],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return float(done.stdout.split()[-1]) / 1024
+
+
+def vm_hwm_kb() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=12)
@@ -285,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--alternate", type=int, default=0, help="also N steps of the per-step alternation of batch paths"
     )
+    parser.add_argument(
+        "--memory", action="store_true", help="also each candidate's peak resident memory, alone in a process"
+    )
+    parser.add_argument("--memory-child", default="", help=argparse.SUPPRESS)  # one candidate, nothing else
     args = parser.parse_args(argv)
     from lmkiln.config import load_config
     from lmkiln.model.transformer import training_flops_per_token
@@ -301,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         "transformers-loop": lambda: hf_loop_run(examples, args.steps),
         "transformers-trainer": lambda: hf_trainer_run(examples, args.steps),
     }
+    if args.memory_child:  # what `peak_rss_mb` measures: this candidate alone ("imports" runs nothing)
+        if args.memory_child != "imports":
+            candidates[args.memory_child]()
+        print(vm_hwm_kb())
+        return 0
     chosen = [c for c in candidates if not args.only or c in args.only.split(",")]
     chosen = [] if args.only == "none" else chosen
     peak = matmul_peak(torch.device("cpu"))
@@ -331,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
             report["padded_mfu_vs_pretrain_mfu"] = (
                 base["lmkiln-padded"]["mfu"] / base["lmkiln-pretrain"]["mfu"]
             )
+    if args.memory:
+        report["peak_rss_mb"] = {name: peak_rss_mb(name, args.steps) for name in ["imports", *chosen]}
     if args.alternate:
         rates = alternating_paths(examples, args.alternate)
         pretrain_mfu = rates["pretrain-windows"] * pretrain_flops
