@@ -900,6 +900,16 @@ def _add_interop_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(func=cmd_eval_retrieval)
 
 
+def _beam_options(parser: argparse.ArgumentParser, beams_help: str) -> None:
+    parser.add_argument("--beams", type=COUNT, default=1, help=beams_help)
+    parser.add_argument(
+        "--length-penalty",
+        type=_number(float),
+        default=1.0,
+        help="beam search: score = log-prob / length**this",
+    )
+
+
 def _sampling_options(parser: argparse.ArgumentParser, max_new_tokens_help: str | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=COUNT, default=200, help=max_new_tokens_help)
     parser.add_argument("--temperature", type=_number(float, 0), default=0.8, help="0 = greedy")
@@ -1182,13 +1192,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="memorization: random candidates each canary is ranked among",
     )
     evaluate.add_argument("--max-new-tokens", type=COUNT, default=64)
-    evaluate.add_argument("--beams", type=COUNT, default=1, help="beam search width (1 = greedy)")
-    evaluate.add_argument(
-        "--length-penalty",
-        type=_number(float),
-        default=1.0,
-        help="beam search: score = log-prob / length**this",
-    )
+    _beam_options(evaluate, "beam search width (1 = greedy)")
     evaluate.add_argument("--batch-size", type=COUNT, default=16)
     evaluate.add_argument(
         "--limit", type=NON_NEGATIVE_INT, default=0, help="evaluate the first N examples only (0 = all)"
@@ -1238,13 +1242,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", action="append", help="prompt text (repeat for several)")
     _sampling_options(generate)
     generate.add_argument("--device", type=_device, default="cpu")
-    generate.add_argument("--beams", type=COUNT, default=1, help="beam search width (>1 ignores sampling)")
-    generate.add_argument(
-        "--length-penalty",
-        type=_number(float),
-        default=1.0,
-        help="beam search: score = log-prob / length**this",
-    )
+    _beam_options(generate, "beam search width (>1 ignores sampling)")
     generate.set_defaults(func=cmd_generate)
     _add_use_commands(sub)
     _add_interop_commands(sub)
