@@ -20,6 +20,15 @@ from lmkiln.plan.measure import measure
 
 ROOT = Path(__file__).resolve().parents[1]
 
+PRETRAIN_19M = [
+    "model.n_layer=6",
+    "model.d_model=512",
+    "model.n_head=8",
+    "model.vocab_size=8192",
+    "model.block_size=256",
+    "train.seq_len=256",
+    "train.batch_size=8",
+]
 CONFIGS: dict[str, list[str]] = {
     "pretrain-0.9m": [
         "model.n_layer=2",
@@ -40,25 +49,8 @@ CONFIGS: dict[str, list[str]] = {
         "train.seq_len=128",
         "train.batch_size=16",
     ],
-    "pretrain-19m": [
-        "model.n_layer=6",
-        "model.d_model=512",
-        "model.n_head=8",
-        "model.vocab_size=8192",
-        "model.block_size=256",
-        "train.seq_len=256",
-        "train.batch_size=8",
-    ],
-    "pretrain-19m checkpointed": [
-        "model.n_layer=6",
-        "model.d_model=512",
-        "model.n_head=8",
-        "model.vocab_size=8192",
-        "model.block_size=256",
-        "train.seq_len=256",
-        "train.batch_size=8",
-        "train.activation_checkpointing=true",
-    ],
+    "pretrain-19m": PRETRAIN_19M,
+    "pretrain-19m checkpointed": [*PRETRAIN_19M, "train.activation_checkpointing=true"],
     "gpt2-style 11m, 4 micro-batches": [
         "model.n_layer=4",
         "model.d_model=384",
