@@ -141,3 +141,56 @@ def test_paragraphs_and_lines_match_the_line_by_line_definition(tmp_path_factory
             assert got == _reference_documents(text, unit), unit
     finally:
         corpus.READ_BLOCK = saved
+
+
+@pytest.fixture(scope="module")
+def stdlib_docs():
+    return list(iter_documents("builtin:stdlib"))
+
+
+def test_builtin_stdlib_is_the_manual_plus_every_docstring(stdlib_docs):
+    by_key = {d.key: d.text for d in stdlib_docs}
+    assert len(by_key) == len(stdlib_docs)  # keys are unique: the seeded split is well defined
+    assert by_key["stdlib:json/__init__.py:1"].startswith("JSON (JavaScript Object Notation)")
+    pydoc = list(iter_documents("builtin:pydoc"))
+    assert stdlib_docs[: len(pydoc)] == pydoc  # the reference manual's topics, unchanged
+    assert not any("site-packages/" in d.key for d in stdlib_docs)
+    assert sum(len(d.text) for d in stdlib_docs) > 1_500_000  # even where a distro strips the tests
+    # the same documents in the same order on a second read (files sorted, docstrings by line)
+    again = iter_documents("builtin:stdlib")
+    assert [next(again) for _ in range(len(pydoc) + 500)] == stdlib_docs[: len(pydoc) + 500]
+
+
+def test_builtin_stdlib_reads_docstrings_skips_broken_files_and_site_packages(tmp_path, monkeypatch):
+    import sysconfig
+
+    write(
+        tmp_path / "b.py",
+        '"""Module b."""\n\nclass K:\n    """A class."""\n\n    async def f(self):\n        """A method."""\n',
+    )
+    write(tmp_path / "a/broken.py", "def (:\n")
+    write(tmp_path / "a/c.py", "x = 1  # no docstring\n")
+    write(tmp_path / "site-packages/third.py", '"""Not the standard library."""\n')
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    docstrings = [d for d in iter_documents("builtin:stdlib") if d.key.startswith("stdlib:")]
+    assert docstrings == [
+        ("stdlib:b.py:1", "Module b."),
+        ("stdlib:b.py:4", "A class."),
+        ("stdlib:b.py:7", "A method."),
+    ]
+
+
+def test_builtin_stdlib_fingerprint_is_stable_cheap_and_follows_the_files(tmp_path, monkeypatch):
+    import ast
+    import sysconfig
+
+    from lmkiln.data.corpus import source_fingerprints
+
+    write(tmp_path / "m.py", '"""Doc."""\n')
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    monkeypatch.setattr(ast, "parse", lambda *a, **k: pytest.fail("fingerprinting must not parse"))
+    first = source_fingerprints("builtin:stdlib")
+    assert source_fingerprints("builtin:stdlib") == first
+    assert first != source_fingerprints("builtin:pydoc")
+    write(tmp_path / "m.py", '"""Another doc."""\n')
+    assert source_fingerprints("builtin:stdlib") != first

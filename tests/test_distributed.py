@@ -200,6 +200,7 @@ def test_the_default_recipe_runs_on_two_processes_as_shipped(tmp_path):
         "train.max_steps=2",
         "train.sample_tokens=0",
         "log.plot=false",
+        "data.corpus=builtin:pydoc",  # the shipped batch settings; the smaller corpus prepares faster
         f"train.run_dir={run}",
         env=ENV,
         check=True,

@@ -164,6 +164,7 @@ def test_golden_first_losses(tmp_path):
     result = pretrain(cfg)
     losses = [h["loss"] for h in _history(result.run_dir) if h["event"] == "train"]
     assert losses == pytest.approx(GOLDEN, abs=2e-4)
+    assert result.fit.train_loss == pytest.approx(sum(losses) / 5)  # the summary's "last 50 steps"
 
 
 GOLDEN = [5.716, 5.5435, 5.3136, 5.0785, 4.832]
@@ -226,3 +227,35 @@ def test_loop_accepts_a_compiled_train_model(tmp_path):
         model, LanguageModelLoss(), iter([]), build_optimizer(model, cfg.optim), 1, train_model=compiled
     )
     assert TrainLoop(setup, cfg, CPU, None).train_model is compiled
+
+
+def test_summary_states_the_training_loss_and_warns_once_when_the_model_memorizes(tmp_path):
+    from lmkiln.tasks.pretrain import PretrainResult
+    from lmkiln.train.loop import FitResult
+    from lmkiln.train.state import TrainState
+
+    cfg = load_config(recipe="default", overrides=["train.sample_tokens=0"])
+
+    def summary(train_loss, val_loss):
+        state = TrainState(step=500, tokens_seen=1_024_000, train_seconds=120.0)
+        evals = {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_bpb": 1.8}
+        fit = FitResult(state, evals, None, "max_steps", {"val_loss": 7.629}, train_loss)
+        return PretrainResult(tmp_path, fit, None, None, None, None, 3_740_000, cfg).summary().splitlines()
+
+    lines = summary(2.55, 4.223)
+    assert "validation loss 7.629 → 4.223" in lines[1] and "training loss 2.550 (last 50 steps)" in lines[1]
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert warnings == [
+        "warning: validation loss is 66% above training loss: the model is memorizing its data; "
+        "use more data, fewer steps or a smaller model (`lmkiln plan` sizes one)"
+    ]
+    assert not any(line.startswith("warning:") for line in summary(3.70, 4.20))  # 13.5% above: fine
+
+
+def test_recent_train_loss_averages_the_log_lines_of_the_last_50_steps():
+    from lmkiln.train.observe import recent_train_loss
+
+    history = [{"event": "train", "step": s, "loss": float(s)} for s in range(10, 510, 10)]
+    history.append({"event": "eval", "step": 500, "val_loss": 9.0})
+    assert recent_train_loss(history, 500) == pytest.approx((460 + 470 + 480 + 490 + 500) / 5)
+    assert recent_train_loss([], 500) is None

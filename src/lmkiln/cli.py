@@ -1219,7 +1219,9 @@ def build_parser() -> argparse.ArgumentParser:
         "report duplicates, PII/secrets, scripts and sizes of a corpus, or the contamination of eval files",
         data_sub,
     )
-    audit.add_argument("corpus", nargs="?", help="corpus to audit (a file, directory, glob or builtin:pydoc)")
+    audit.add_argument(
+        "corpus", nargs="?", help="corpus to audit (a file, directory, glob, builtin:pydoc or builtin:stdlib)"
+    )
     audit.add_argument("--train", help="training corpus to check --eval files against (default: CORPUS)")
     audit.add_argument(
         "--eval", nargs="+", metavar="FILE", help="evaluation files (.jsonl/.csv/.parquet/.txt)"

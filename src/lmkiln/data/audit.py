@@ -83,6 +83,8 @@ def location(key: str, text: str, offset: int) -> str:
         return f"{key}:{1 + lines}"
     if name == "pydoc":  # the built-in corpus: topic, line inside it
         return f"{key}:{1 + lines}"
+    if name.startswith("stdlib:") and position.isdigit():  # a docstring: its file's line
+        return f"{name}:{int(position) + lines}"
     return key  # a .jsonl line, .csv line or .parquet row holds the whole document
 
 

@@ -1,6 +1,7 @@
 """Corpus readers: turn a corpus spec into a stream of documents.
 
-A spec is `builtin:pydoc`, a file (.txt, .jsonl, .csv, .parquet), a directory (every supported
+A spec is `builtin:pydoc` (Python's reference manual), `builtin:stdlib` (that manual plus every
+docstring of the standard library), a file (.txt, .jsonl, .csv, .parquet), a directory (every supported
 file below it) or a glob. Everything streams document by document, so a corpus larger than RAM
 works (except `.txt` with text_unit=file, which holds one file at a time). Bad input raises
 `LmkilnError` naming the file and line.
@@ -8,11 +9,14 @@ works (except `.txt` with text_unit=file, which holds one file at a time). Bad i
 
 from __future__ import annotations
 
+import ast
 import glob as globlib
 import hashlib
 import os
 import re
 import sys
+import sysconfig
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -22,6 +26,8 @@ from lmkiln.data.textfile import decoded_blocks, decoded_lines, jsonl_rows
 from lmkiln.errors import LmkilnError
 
 BUILTIN_PYDOC = "builtin:pydoc"
+BUILTIN_STDLIB = "builtin:stdlib"
+BUILTINS = (BUILTIN_PYDOC, BUILTIN_STDLIB)
 SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".csv", ".parquet")
 
 
@@ -35,7 +41,7 @@ class Document(NamedTuple):
 
 def resolve_sources(spec: str) -> list[Path]:
     """The files a corpus spec names, sorted; raises if there are none."""
-    if spec == BUILTIN_PYDOC:
+    if spec in BUILTINS:
         return []
     path = Path(spec).expanduser()
     if path.is_file():
@@ -52,16 +58,20 @@ def resolve_sources(spec: str) -> list[Path]:
         if not files:
             raise LmkilnError(f"corpus glob {spec!r} matches no files")
         return files
-    raise LmkilnError(f"corpus not found: {spec} (give a file, directory, glob or 'builtin:pydoc')")
+    raise LmkilnError(
+        f"corpus not found: {spec} (give a file, directory, glob, 'builtin:pydoc' or 'builtin:stdlib')"
+    )
 
 
 def source_fingerprints(spec: str) -> list[list]:
     """What identifies the corpus contents for caching: path, size and modification time per file."""
     if spec == BUILTIN_PYDOC:
-        from pydoc_data import topics
-
-        digest = hashlib.sha256("".join(topics.topics.values()).encode()).hexdigest()[:16]
-        return [[BUILTIN_PYDOC, sys.version.split()[0], digest]]
+        return [[BUILTIN_PYDOC, sys.version.split()[0], _pydoc_digest()]]
+    if spec == BUILTIN_STDLIB:
+        # sizes, not contents: parsing ~900 files only to fingerprint them would cost seconds
+        listing = "\n".join(f"{name}\t{path.stat().st_size}" for name, path in _stdlib_files())
+        digest = hashlib.sha256(listing.encode()).hexdigest()[:16]
+        return [[BUILTIN_STDLIB, sys.version.split()[0], digest, _pydoc_digest()]]
     out = []
     for path in resolve_sources(spec):
         stat = path.stat()
@@ -73,11 +83,10 @@ def iter_documents(
     spec: str, field: str = "text", text_unit: str = "paragraph", keep_empty: bool = False
 ) -> Iterator[Document]:
     """Every non-empty document of a corpus (every one with keep_empty), in a deterministic order."""
-    if spec == BUILTIN_PYDOC:
-        from pydoc_data import topics
-
-        for name in sorted(topics.topics):
-            yield Document(f"pydoc:{name}", topics.topics[name])
+    if spec in BUILTINS:
+        yield from _pydoc_topics()
+        if spec == BUILTIN_STDLIB:
+            yield from _stdlib_docstrings()
         return
     base = _key_base(spec)
     for path in resolve_sources(spec):
@@ -93,6 +102,53 @@ def iter_documents(
         for doc in reader:
             if keep_empty or doc.text.strip():
                 yield doc
+
+
+def _pydoc_topics() -> Iterator[Document]:
+    from pydoc_data import topics
+
+    for name in sorted(topics.topics):
+        yield Document(f"pydoc:{name}", topics.topics[name])
+
+
+def _pydoc_digest() -> str:
+    from pydoc_data import topics
+
+    return hashlib.sha256("".join(topics.topics.values()).encode()).hexdigest()[:16]
+
+
+def _stdlib_files() -> list[tuple[str, Path]]:
+    """(path relative to the standard library's root, path) of its .py files, sorted; no site-packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in root.rglob("*.py"):
+        name = path.relative_to(root).as_posix()
+        if not name.startswith(("site-packages/", "dist-packages/")) and path.is_file():
+            files.append((name, path))
+    return sorted(files)
+
+
+_DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def _stdlib_docstrings() -> Iterator[Document]:
+    """Module, class and function docstrings, keyed `stdlib:json/decoder.py:42` (the docstring's line)."""
+    for name, path in _stdlib_files():
+        try:
+            with warnings.catch_warnings():  # old files' invalid escapes: nothing the user can fix
+                warnings.simplefilter("ignore")
+                tree = ast.parse(path.read_bytes(), filename=name)
+        except (SyntaxError, ValueError, UnicodeDecodeError):
+            continue  # the test suite ships a few deliberately broken files
+        # ast.walk is breadth-first; sorting by line keeps a file's docstrings in reading order
+        found = []
+        for node in ast.walk(tree):
+            if isinstance(node, _DOCUMENTED):
+                text = ast.get_docstring(node)
+                if text and text.strip():
+                    found.append((node.body[0].lineno, text))
+        for line, text in sorted(found):
+            yield Document(f"stdlib:{name}:{line}", text)
 
 
 def _key_base(spec: str) -> Path:

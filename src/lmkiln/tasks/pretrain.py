@@ -75,6 +75,21 @@ def validation_evaluator(shards: TokenShards, run: ResolvedConfig, eos_id: int |
     return lm_evaluator(batches, shards.bytes_per_token("val"))
 
 
+MEMORIZING_GAP = 0.15
+"""Validation loss this far above training loss (as a fraction) means the model learns its data by heart."""
+
+
+def memorizing_warning(train_loss: float | None, val_loss: float) -> str | None:
+    """One line when validation loss exceeds training loss by more than MEMORIZING_GAP, else None."""
+    if not train_loss or val_loss <= train_loss * (1 + MEMORIZING_GAP):
+        return None
+    gap = 100 * (val_loss / train_loss - 1)
+    return (
+        f"warning: validation loss is {gap:.0f}% above training loss: the model is memorizing its data; "
+        f"use more data, fewer steps or a smaller model (`lmkiln plan` sizes one)"
+    )
+
+
 @dataclass
 class PretrainResult:
     run_dir: Path
@@ -101,10 +116,14 @@ class PretrainResult:
         before, after = fit.first_eval.get("val_loss"), fit.last_eval.get("val_loss")
         if after is not None:
             start = f"{before:.3f} → " if before is not None else ""
+            trained = f"; training loss {fit.train_loss:.3f} (last 50 steps)" if fit.train_loss else ""
             lines.append(
                 f"validation loss {start}{after:.3f} (perplexity {fit.last_eval['val_ppl']:.1f}, "
-                f"{fit.last_eval['val_bpb']:.3f} bits/byte); stopped by {fit.stop_reason}"
+                f"{fit.last_eval['val_bpb']:.3f} bits/byte){trained}; stopped by {fit.stop_reason}"
             )
+            warning = memorizing_warning(fit.train_loss, after)
+            if warning:
+                lines.append(warning)
         quality = describe_cleaning(self.shards_report.shards.manifest) if self.shards_report else ""
         if quality:
             lines.append(f"data quality: {quality}")

@@ -35,7 +35,7 @@ from lmkiln.runs.tensors import load_model_tensors
 from lmkiln.train import distributed, nonfinite
 from lmkiln.train.evaluate import Evaluator
 from lmkiln.train.objectives import Batch, Objective
-from lmkiln.train.observe import RunLog, Throughput
+from lmkiln.train.observe import RunLog, Throughput, recent_train_loss
 from lmkiln.train.optim import set_learning_rate
 from lmkiln.train.runtime import Runtime, measure_matmul_peak
 from lmkiln.train.stall import StallWatch
@@ -83,6 +83,8 @@ class FitResult:
     stop_reason: str
     first_eval: dict[str, float] = field(default_factory=dict)
     """Validation metrics of the untrained model (empty when resumed)."""
+    train_loss: float | None = None
+    """The mean logged training loss over the last 50 steps; None when nothing was logged."""
 
     def best_checkpoint(self) -> Path | None:
         """The checkpoint of the best evaluation, when it is not the last step's."""
@@ -201,7 +203,8 @@ class TrainLoop:
         finally:
             self.log.plot(force=True)
             self.log.close()
-        return FitResult(self.state, self.last_eval, self._latest_path(), stop_reason, first_eval)
+        train_loss = recent_train_loss(self.log.history, self.state.step)
+        return FitResult(self.state, self.last_eval, self._latest_path(), stop_reason, first_eval, train_loss)
 
     def _start(self, resume: str | None, force: bool) -> dict[str, float]:
         """Clean up, resume, open the log and evaluate the untrained model; returns that evaluation."""

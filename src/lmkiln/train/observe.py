@@ -139,6 +139,17 @@ class RunLog:
             self.tensorboard = None
 
 
+def recent_train_loss(history: list[dict[str, Any]], last_step: int, span: int = 50) -> float | None:
+    """The mean logged training loss over the last `span` steps (each log line already averages
+    the steps since the one before); None when none was logged."""
+    losses = [
+        h["loss"]
+        for h in history
+        if h.get("event") == "train" and "loss" in h and last_step - span < h.get("step", -1) <= last_step
+    ]
+    return sum(losses) / len(losses) if losses else None
+
+
 def _format_metric(key: str, value: Any) -> str:
     if key == "lr":
         return f"lr {value:.2e}"
