@@ -10,6 +10,7 @@ works (except `.txt` with text_unit=file, which holds one file at a time). Bad i
 from __future__ import annotations
 
 import ast
+import functools
 import glob as globlib
 import hashlib
 import os
@@ -68,8 +69,8 @@ def source_fingerprints(spec: str) -> list[list]:
     if spec == BUILTIN_PYDOC:
         return [[BUILTIN_PYDOC, sys.version.split()[0], _pydoc_digest()]]
     if spec == BUILTIN_STDLIB:
-        # sizes, not contents: parsing ~900 files only to fingerprint them would cost seconds
-        listing = "\n".join(f"{name}\t{path.stat().st_size}" for name, path in _stdlib_files())
+        # sizes, not contents: parsing every file only to fingerprint them would cost seconds
+        listing = "\n".join(f"{name}\t{path.stat().st_size}" for name, path in _stdlib_files(_stdlib_root()))
         digest = hashlib.sha256(listing.encode()).hexdigest()[:16]
         return [[BUILTIN_STDLIB, sys.version.split()[0], digest, _pydoc_digest()]]
     out = []
@@ -117,9 +118,12 @@ def _pydoc_digest() -> str:
     return hashlib.sha256("".join(topics.topics.values()).encode()).hexdigest()[:16]
 
 
-def _stdlib_files() -> list[tuple[str, Path]]:
+def _stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _stdlib_files(root: Path) -> list[tuple[str, Path]]:
     """(path relative to the standard library's root, path) of its .py files, sorted; no site-packages."""
-    root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for path in root.rglob("*.py"):
         name = path.relative_to(root).as_posix()
@@ -133,7 +137,18 @@ _DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 def _stdlib_docstrings() -> Iterator[Document]:
     """Module, class and function docstrings, keyed `stdlib:json/decoder.py:42` (the docstring's line)."""
-    for name, path in _stdlib_files():
+    yield from _parsed_stdlib(_stdlib_root())
+
+
+@functools.cache
+def _parsed_stdlib(root: Path) -> tuple[Document, ...]:
+    """Parsed once per process: training the tokenizer and writing the shards both read the corpus,
+    and parsing ~1,900 files takes seconds (the ~3 MB of text is cheap to keep)."""
+    return tuple(_read_stdlib_docstrings(root))
+
+
+def _read_stdlib_docstrings(root: Path) -> Iterator[Document]:
+    for name, path in _stdlib_files(root):
         try:
             with warnings.catch_warnings():  # old files' invalid escapes: nothing the user can fix
                 warnings.simplefilter("ignore")
