@@ -47,6 +47,7 @@ def test_prepare_train_generate_end_to_end(tmp_path):
         check=True,
     )
     assert "validation loss" in train.stdout and "lmkiln generate" in train.stdout
+    assert "training loss" in train.stdout and "(last 50 steps)" in train.stdout
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     val = [e["val_loss"] for e in evals if e["event"] == "eval"]
     assert val[-1] < val[0] - 1.0, val  # a stated margin: more than one nat below the first evaluation
