@@ -50,6 +50,8 @@ def confusion(workdir: Path) -> None:
 
 def exposure(workdir: Path) -> None:
     args = [
+        "--data.corpus",  # 8 passes over the reference manual: enough repeats to memorize canaries
+        "builtin:pydoc",
         "--data.canaries",
         "6",
         "--data.canary_repeats",
