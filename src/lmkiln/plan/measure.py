@@ -2,8 +2,8 @@
 
 `python -m lmkiln.plan.measure STEPS KEY=VALUE ...` builds the model and optimizer a run of that
 config builds, trains STEPS steps on random tokens and prints one JSON line: `peak_mb`, the
-process's peak resident memory (VmHWM) minus its resident memory just before the model was built
-(imports and the batch excluded), and `step_s`, the fastest step after the first two (the
+process's peak resident memory (VmHWM) minus its resident memory just before the model and its
+synthetic batch were built (imports excluded), and `step_s`, the fastest step after the first two (the
 least disturbed by other processes on a shared machine). A fresh process, because a peak
 cannot be reset. The plan uses it once per machine for the runtime's own overhead; the
 plan-accuracy benchmark uses it for every configuration it checks.
@@ -19,21 +19,12 @@ import time
 from pathlib import Path
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status", encoding="utf-8") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def measure_here(overrides: list[str], steps: int) -> dict[str, float]:
     """Train `steps` steps in this process; call it in a fresh one (see `measure`)."""
     from lmkiln.config import build_config, parse_overrides, resolve
-    from lmkiln.plan.speed import build_model, synthetic_batch
-    from lmkiln.train.objectives import LanguageModelLoss
+    from lmkiln.plan.speed import build_workload
     from lmkiln.train.optim import build_optimizer
-    from lmkiln.train.runtime import Runtime
+    from lmkiln.train.runtime import Runtime, process_memory_mb
     from lmkiln.train.step import train_step
 
     # LoRA keys next to a pretraining model's: the sections are not checked against a task
@@ -43,19 +34,19 @@ def measure_here(overrides: list[str], steps: int) -> dict[str, float]:
     if lora is not None:
         import peft  # noqa: F401  (its imports are not training memory)
     runtime = Runtime.start(cfg.train, cfg.dist)
-    batch = synthetic_batch(cfg.model, run.batch.micro_batch_size, cfg.train.seq_len, runtime.device)
-    baseline = _status_mb("VmRSS")
-    model = build_model(cfg.model, cfg, runtime.device, lora).train()
+    baseline = process_memory_mb("VmRSS")
+    work = build_workload(cfg, cfg.model, run.batch.micro_batch_size, runtime.device, lora)
+    model, objective, batch = work.model.train(), work.objective, work.batch
     optimizer = build_optimizer(model, cfg.optim)
     durations = []
     for _ in range(steps):
         started = time.perf_counter()
-        result = train_step(model, LanguageModelLoss(), [batch] * run.batch.accumulation, runtime, 1.0)
+        result = train_step(model, objective, [batch] * run.batch.accumulation, runtime, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         result.loss.item()
         durations.append(time.perf_counter() - started)
-    return {"peak_mb": _status_mb("VmHWM") - baseline, "step_s": min(durations[2:] or durations)}
+    return {"peak_mb": process_memory_mb("VmHWM") - baseline, "step_s": min(durations[2:] or durations)}
 
 
 def measure(overrides: list[str], steps: int = 6) -> dict[str, float]:
@@ -76,27 +67,31 @@ def measure(overrides: list[str], steps: int = 6) -> dict[str, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-TINY = [
-    "model.n_layer=1",
-    "model.d_model=64",
-    "model.n_head=2",
-    "model.vocab_size=64",
-    "model.block_size=16",
-    "train.seq_len=16",
-    "train.batch_size=1",
-]
-"""A model whose tensors are negligible: what its training adds is the runtime's own memory."""
+TINY: dict[str, list[str]] = {
+    "transformer": [
+        "model.n_layer=1",
+        "model.d_model=64",
+        "model.n_head=2",
+        "model.vocab_size=64",
+        "model.block_size=16",
+        "train.seq_len=16",
+        "train.batch_size=1",
+    ],
+    "mlp": ["task=supervised", "mlp.inputs=4", "mlp.hidden=[4]", "mlp.outputs=2", "train.batch_size=1"],
+}
+"""Per kind of model, one whose tensors are negligible: what its training adds is the runtime's own
+memory (the kernels a transformer's step touches are many more than an MLP's)."""
 
 
-def runtime_overhead(cpu_matmul: str, cache_dir: Path) -> int:
+def runtime_overhead(cpu_matmul: str, cache_dir: Path, kind: str = "transformer") -> int:
     """Bytes a training process adds beyond its tensors on this machine (code pages of the kernels
     it touches, oneDNN primitives, thread pools, allocator slack); measured once and cached."""
     import torch
 
-    path = cache_dir / "plan" / f"overhead-torch{torch.__version__}-{cpu_matmul}.json"
+    path = cache_dir / "plan" / f"overhead-{kind}-torch{torch.__version__}-{cpu_matmul}.json"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))["bytes"]
-    measured = int(measure([*TINY, f"train.cpu_matmul={cpu_matmul}"], steps=3)["peak_mb"] * 2**20)
+    measured = int(measure([*TINY[kind], f"train.cpu_matmul={cpu_matmul}"], steps=3)["peak_mb"] * 2**20)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"bytes": measured}), encoding="utf-8")
     return measured

@@ -166,7 +166,9 @@ def _model_and_method(cfg: Config) -> tuple[Config, ModelConfig, FinetuneConfig 
             cfg, model=base.model_cfg, train=dataclasses.replace(cfg.train, seq_len=seq_len)
         )
     elif cfg.task != "pretrain":
-        raise LmkilnError(f"lmkiln plan covers task=pretrain and task=finetune, not task={cfg.task}")
+        raise LmkilnError(
+            f"lmkiln plan covers task=pretrain, task=finetune and task=supervised, not task={cfg.task}"
+        )
     lora = cfg.finetune if cfg.finetune.method == "lora" else None
     return cfg, cfg.model, lora
 
@@ -196,7 +198,7 @@ def plan_training(
     probe = probe_activations(model_cfg, t.seq_len, lora)
     overhead = runtime_overhead(t.cpu_matmul, cache_root(cfg.data)) if measure_overhead else 0
     both = [
-        training_memory(model_cfg, probe, micro, t.seq_len, cfg.optim.name, ckpt, overhead)
+        training_memory(model_cfg, probe, micro, t.seq_len, cfg.optim, ckpt, overhead)
         for ckpt in (False, True)
     ]
     memory = both[t.activation_checkpointing]
@@ -233,7 +235,7 @@ def _predict_time(plan: Plan) -> None:
     if plan.data_tokens:  # the validation split is about val_fraction / (1 - val_fraction) of train
         share = plan.cfg.data.val_fraction / max(1 - plan.cfg.data.val_fraction, 1e-9)
         eval_tokens = min(eval_tokens, int(plan.data_tokens * share))
-    plan.eval_seconds = evaluations * eval_tokens * plan.calibration.eval_seconds_per_token
+    plan.eval_seconds = evaluations * eval_tokens * plan.calibration.eval_seconds_per_unit
 
 
 def _fit_memory(plan: Plan, limit: int, lora: FinetuneConfig | None) -> None:
@@ -243,7 +245,7 @@ def _fit_memory(plan: Plan, limit: int, lora: FinetuneConfig | None) -> None:
     for checkpointing in (t.activation_checkpointing, True):
         for micro in sorted((d for d in range(1, batch + 1) if batch % d == 0), reverse=True):
             estimate = training_memory(
-                m, plan.probe, micro, t.seq_len, plan.cfg.optim.name, checkpointing, plan.memory.runtime
+                m, plan.probe, micro, t.seq_len, plan.cfg.optim, checkpointing, plan.memory.runtime
             )
             if estimate.total <= limit:
                 if (micro, checkpointing) != (plan.micro_batch, t.activation_checkpointing):
@@ -261,7 +263,7 @@ def _fit_memory(plan: Plan, limit: int, lora: FinetuneConfig | None) -> None:
                     ),
                 )
                 return
-    smallest = training_memory(m, plan.probe, 1, t.seq_len, plan.cfg.optim.name, True, plan.memory.runtime)
+    smallest = training_memory(m, plan.probe, 1, t.seq_len, plan.cfg.optim, True, plan.memory.runtime)
     hint = "" if lora else ", or train LoRA adapters (task=finetune finetune.method=lora)"
     raise LmkilnError(
         f"--memory {format_bytes(limit)} is below the smallest configuration of this model "
