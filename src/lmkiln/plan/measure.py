@@ -20,43 +20,54 @@ from pathlib import Path
 
 
 def measure_here(overrides: list[str], steps: int) -> dict[str, float]:
-    """Train `steps` steps in this process; call it in a fresh one (see `measure`)."""
+    """Train `steps` steps in this process; call it in a fresh one (see `measure`). Launched by
+    torchrun, each process trains its share of the batch through DDP or FSDP2 (dist.strategy)."""
     from lmkiln.config import build_config, parse_overrides, resolve
     from lmkiln.plan.speed import build_workload
+    from lmkiln.train.distributed import parallelize
     from lmkiln.train.optim import build_optimizer
     from lmkiln.train.runtime import Runtime, process_memory_mb
     from lmkiln.train.step import train_step
 
     # LoRA keys next to a pretraining model's: the sections are not checked against a task
     cfg = build_config([("measure", parse_overrides(overrides))], check_sections=False)
-    run = resolve(cfg)
     lora = cfg.finetune if cfg.finetune.method == "lora" else None
     if lora is not None:
         import peft  # noqa: F401  (its imports are not training memory)
     runtime = Runtime.start(cfg.train, cfg.dist)
+    plan = resolve(cfg, runtime.world_size).batch
     baseline = process_memory_mb("VmRSS")
-    work = build_workload(cfg, cfg.model, run.batch.micro_batch_size, runtime.device, lora)
-    model, objective, batch = work.model.train(), work.objective, work.batch
-    optimizer = build_optimizer(model, cfg.optim)
+    work = build_workload(cfg, cfg.model, plan.micro_batch_size, runtime.device, lora)
+    model = parallelize(work.model.train(), cfg, runtime)
+    optimizer = build_optimizer(work.model, cfg.optim)  # after FSDP2 made the parameters shards
     durations = []
     for _ in range(steps):
         started = time.perf_counter()
-        result = train_step(model, objective, [batch] * run.batch.accumulation, runtime, 1.0)
+        result = train_step(model, work.objective, [work.batch] * plan.accumulation, runtime, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         result.loss.item()
         durations.append(time.perf_counter() - started)
-    return {"peak_mb": process_memory_mb("VmHWM") - baseline, "step_s": min(durations[2:] or durations)}
+    peak = process_memory_mb("VmHWM") - baseline
+    runtime.shutdown()
+    return {"peak_mb": peak, "step_s": min(durations[2:] or durations)}
 
 
-def measure(overrides: list[str], steps: int = 6) -> dict[str, float]:
-    """`measure_here` in a fresh Python process (same interpreter and lmkiln)."""
+def measure(overrides: list[str], steps: int = 6, processes: int = 1) -> dict[str, float]:
+    """`measure_here` in a fresh Python process (same interpreter and lmkiln), or in `processes`
+    processes under torchrun: then the largest peak and the slowest step of any process."""
     import lmkiln
 
     source = os.path.dirname(os.path.dirname(lmkiln.__file__))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+        env["OMP_NUM_THREADS"] = env.get(
+            "OMP_NUM_THREADS", "1"
+        )  # torchrun's default; set, it keeps torchrun's warning out
     proc = subprocess.run(
-        [sys.executable, "-m", "lmkiln.plan.measure", str(steps), *overrides],
+        [*launcher, "-m", "lmkiln.plan.measure", str(steps), *overrides],
         env=env,
         capture_output=True,
         text=True,
@@ -64,7 +75,12 @@ def measure(overrides: list[str], steps: int = 6) -> dict[str, float]:
     )
     if proc.returncode != 0:
         raise RuntimeError(f"measuring {' '.join(overrides)} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if len(results) != processes:
+        raise RuntimeError(
+            f"measuring {' '.join(overrides)}: {len(results)} of {processes} processes reported"
+        )
+    return {"peak_mb": max(r["peak_mb"] for r in results), "step_s": max(r["step_s"] for r in results)}
 
 
 TINY: dict[str, list[str]] = {

@@ -199,7 +199,8 @@ def training_memory(
 
 
 def per_strategy(estimate: MemoryEstimate, n_layer: int, world_size: int) -> dict[str, int]:
-    """Peak bytes per process for each way of spreading the run over `world_size` processes.
+    """Peak bytes per process for each way of spreading the run over `world_size` processes;
+    `estimate` is one process's at its share of the batch.
 
     DDP replicates everything and adds gradient buckets (a second copy of the gradients); FSDP2
     shards weights, gradients and optimizer state and gathers one block's weights at a time (two
@@ -211,7 +212,6 @@ def per_strategy(estimate: MemoryEstimate, n_layer: int, world_size: int) -> dic
     gathered = 2 * estimate.weights // max(n_layer, 1)
     sharded = math.ceil(states / world_size)
     return {
-        "single": estimate.total,
         "ddp": estimate.total + estimate.gradients,
         "fsdp": activations + sharded + gathered,
         "fsdp_offload_device": activations + gathered,

@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lmkiln.config import Config, FinetuneConfig, ModelConfig, resolve
+from lmkiln.config import Config, FinetuneConfig, ModelConfig, TrainConfig, batch_plan, resolve
 from lmkiln.config import parse_duration as config_duration
 from lmkiln.data.shards import cache_root
 from lmkiln.errors import LmkilnError
@@ -60,6 +61,7 @@ class Plan:
     memory: MemoryEstimate
     memory_checkpointed: MemoryEstimate
     strategies: dict[str, int]
+    """Peak per process by way of spreading the run over STRATEGY_PROCESSES processes."""
     flops_per_token: int
     micro_batch: int
     accumulation: int
@@ -208,7 +210,13 @@ def plan_training(
         probe=probe,
         memory=memory,
         memory_checkpointed=both[1],
-        strategies=per_strategy(memory, model_cfg.n_layer, 2),
+        strategies=strategy_peaks(
+            t,
+            lambda micro: training_memory(
+                model_cfg, probe, micro, t.seq_len, cfg.optim, t.activation_checkpointing, overhead
+            ),
+            model_cfg.n_layer,
+        ),
         flops_per_token=training_flops_per_token(model_cfg, t.seq_len),
         micro_batch=micro,
         accumulation=accumulation,
@@ -225,6 +233,22 @@ def plan_training(
         _predict_time(plan)
     _advise_size(plan, time_budget)
     return plan
+
+
+STRATEGY_PROCESSES = 2
+"""The process count the per-strategy figures are given for."""
+
+
+def strategy_peaks(
+    t: TrainConfig, estimate_at: Callable[[int], MemoryEstimate], blocks: int
+) -> dict[str, int]:
+    """Per-process peaks at STRATEGY_PROCESSES processes, each with its share of the batch
+    (none when the batch does not split)."""
+    try:
+        micro = batch_plan(t, STRATEGY_PROCESSES).micro_batch_size
+    except LmkilnError:
+        return {}
+    return per_strategy(estimate_at(micro), blocks, STRATEGY_PROCESSES)
 
 
 def _predict_time(plan: Plan) -> None:

@@ -19,7 +19,8 @@ from lmkiln.data.shards import cache_root
 from lmkiln.errors import LmkilnError
 from lmkiln.model.transformer import count_parameters
 from lmkiln.plan.measure import runtime_overhead
-from lmkiln.plan.memory import FP32, MemoryEstimate, optimizer_states, per_strategy, saved_tensor_bytes
+from lmkiln.plan.memory import FP32, MemoryEstimate, optimizer_states, saved_tensor_bytes
+from lmkiln.plan.planner import strategy_peaks
 from lmkiln.plan.speed import Calibration, build_workload, calibrate
 
 
@@ -30,6 +31,8 @@ class TablePlan:
     parameters: int
     linear_layers: int
     memory: MemoryEstimate
+    strategies: dict[str, int]
+    """Peak per process by way of spreading the run over STRATEGY_PROCESSES processes."""
     flops_per_example: int
     micro_batch: int
     accumulation: int
@@ -43,10 +46,6 @@ class TablePlan:
     @property
     def examples_per_s(self) -> float | None:
         return self.cfg.train.batch_size / self.calibration.step_seconds if self.calibration else None
-
-    @property
-    def strategies(self) -> dict[str, int]:
-        return per_strategy(self.memory, self.linear_layers, 2)
 
     def memory_parts(self) -> dict[str, int]:
         m = self.memory
@@ -115,6 +114,16 @@ def plan_table(
         parameters=parameters,
         linear_layers=len(linears),
         memory=memory,
+        # activations and the backward's gradients scale with the rows each process takes
+        strategies=strategy_peaks(
+            cfg.train,
+            lambda rank_micro: dataclasses.replace(
+                memory,
+                activations=memory.activations * rank_micro // micro,
+                backward_transient=memory.backward_transient * rank_micro // micro,
+            ),
+            len(linears),
+        ),
         # forward one multiply-add per weight, backward two (input and weight gradients)
         flops_per_example=6 * sum(m.weight.numel() for m in linears),
         micro_batch=micro,

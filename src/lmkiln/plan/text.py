@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from lmkiln.config import Config
 from lmkiln.errors import LmkilnError
-from lmkiln.plan.memory import per_strategy
-from lmkiln.plan.planner import Plan, format_bytes, plan_training
+from lmkiln.plan.planner import STRATEGY_PROCESSES, Plan, format_bytes, plan_training
 from lmkiln.plan.tabular import TablePlan, plan_table, table_rows
 from lmkiln.train.observe import format_count, format_duration
 
@@ -64,7 +63,7 @@ def format_plan(plan: Plan | TablePlan) -> str:
     lines.append(
         f"  KV cache for generation: {format_bytes(mem.kv_cache)} per sequence of {m.block_size} tokens"
     )
-    lines.append(_strategy_line(per_strategy(mem, m.n_layer, 2)))
+    lines.extend(_strategy_lines(plan.strategies))
     c = plan.calibration
     if c is not None:
         flop_rate = plan.flops_per_token * plan.tokens_per_s
@@ -84,13 +83,15 @@ def _part_lines(parts: dict[str, int]) -> list[str]:
     return [f"  {name:<19} {format_bytes(value):>11}" for name, value in parts.items()]
 
 
-def _strategy_line(strategies: dict[str, int]) -> str:
-    return (
-        f"  per process at 2 processes: DDP {format_bytes(strategies['ddp'])}, "
-        f"FSDP2 {format_bytes(strategies['fsdp'])}, "
+def _strategy_lines(strategies: dict[str, int]) -> list[str]:
+    if not strategies:  # the batch does not split over the processes
+        return []
+    return [
+        f"  per process at {STRATEGY_PROCESSES} processes (each with its share of the batch): "
+        f"DDP {format_bytes(strategies['ddp'])}, FSDP2 {format_bytes(strategies['fsdp'])}, "
         f"FSDP2 + CPU offload {format_bytes(strategies['fsdp_offload_device'])} "
         f"(+{format_bytes(strategies['fsdp_offload_host'])} host)"
-    )
+    ]
 
 
 def format_table_plan(plan: TablePlan) -> str:
@@ -113,7 +114,7 @@ def format_table_plan(plan: TablePlan) -> str:
         f"predicted peak {format_bytes(plan.memory.total)}"
     )
     lines.extend(_part_lines(plan.memory_parts()))
-    lines.append(_strategy_line(plan.strategies))
+    lines.extend(_strategy_lines(plan.strategies))
     c = plan.calibration
     if c is not None:
         stop = " at most (early stopping may end it sooner)" if t.patience else ""
