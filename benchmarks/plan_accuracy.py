@@ -1,16 +1,17 @@
 """`lmkiln plan` against measurement: predicted and measured peak memory and step time.
 
-    python -m benchmarks.plan_accuracy [--steps 8] [--rounds 1] [--out benchmarks/results/FILE.json]
+    python -m benchmarks.plan_accuracy [--steps 12] [--rounds 3] [--only NAME,...] [--out FILE.json]
 
-For each configuration (pretraining at three sizes, with activation checkpointing and with
-gradient accumulation, LoRA fine-tuning of a pretrained-shape base, an MLP; the default shape
-over two processes with DDP and with FSDP2), the plan predicts in this process; a fresh worker process then trains the same model for `--steps` steps on random
-tokens (rows) and reports its peak resident memory minus its resident memory before the model
-was built (VmHWM − VmRSS, the imports excluded) and its fastest step. Each of `--rounds` rounds
-predicts and measures again: the fastest step of each side counts (load that comes and goes on a
-shared machine then hits both alike), and the median measured peak (glibc's heap keeps a varying
-share of the memory a step frees: the same config's peak differs by up to ~15% between processes).
-Every prediction should be within 15%.
+Configurations: pretraining at three sizes, with activation checkpointing and with gradient
+accumulation; LoRA fine-tuning of a pretrained-shape base; an MLP; the default shape over two
+processes with DDP and with FSDP2. For each, the plan predicts in this process; a fresh worker
+process then trains the same model for `--steps` steps on random tokens (rows) and reports its
+peak resident memory minus its resident memory before the model was built (VmHWM − VmRSS, the
+imports excluded) and its fastest step. Each of `--rounds` rounds predicts and measures again:
+the fastest step of each side counts (load that comes and goes on a shared machine then hits
+both alike), and so does the median measured peak (glibc's heap keeps a varying share of the
+memory a step frees: the same config's peak differs by up to ~15% between processes). Every
+prediction should be within 15%.
 """
 
 from __future__ import annotations
