@@ -238,3 +238,12 @@ def test_an_mlp_plan_reads_its_table_and_predicts_a_measured_run_within_15_perce
     measured = measure(overrides, steps=4)["peak_mb"] * 2**20
     assert plan.memory.runtime > 0
     assert abs(measured / plan.memory.total - 1) <= 0.15, (measured / 2**20, plan.memory_parts())
+
+
+@pytest.mark.distributed
+def test_per_process_peaks_of_ddp_and_fsdp_are_within_15_percent_of_two_measured_processes():
+    overrides = MEASURED[0]  # batch 16: 8 sequences per process
+    plan = plan_training(build_config([("test", parse_overrides(overrides))]), calibrate_steps=0)
+    for strategy in ("ddp", "fsdp"):
+        measured = measure([*overrides, f"dist.strategy={strategy}"], steps=4, processes=2)["peak_mb"]
+        assert abs(measured * 2**20 / plan.strategies[strategy] - 1) <= 0.15, (strategy, measured)

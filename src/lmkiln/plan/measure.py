@@ -1,12 +1,13 @@
 """Measured peak memory and step time of a training run, in a fresh process.
 
-`python -m lmkiln.plan.measure STEPS KEY=VALUE ...` builds the model and optimizer a run of that
-config builds, trains STEPS steps on random tokens and prints one JSON line: `peak_mb`, the
-process's peak resident memory (VmHWM) minus its resident memory just before the model and its
-synthetic batch were built (imports excluded), and `step_s`, the fastest step after the first two (the
-least disturbed by other processes on a shared machine). A fresh process, because a peak
-cannot be reset. The plan uses it once per machine for the runtime's own overhead; the
-plan-accuracy benchmark uses it for every configuration it checks.
+`python -m lmkiln.plan.measure DIR STEPS KEY=VALUE ...` builds the model and optimizer a run of
+that config builds, trains STEPS steps on random tokens (rows, for an MLP) and writes
+DIR/rank0.json (a file per process under torchrun): `peak_mb`, the process's peak resident
+memory (VmHWM) minus its resident memory just before the model and its synthetic batch were
+built (imports excluded), and `step_s`, the fastest step after the first two (the least
+disturbed by other processes on a shared machine). A fresh process, because a peak cannot be
+reset. The plan uses it once per machine for the runtime's own overhead; the plan-accuracy
+benchmark uses it for every configuration it checks.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,16 +68,17 @@ def measure(overrides: list[str], steps: int = 6, processes: int = 1) -> dict[st
         env["OMP_NUM_THREADS"] = env.get(
             "OMP_NUM_THREADS", "1"
         )  # torchrun's default; set, it keeps torchrun's warning out
-    proc = subprocess.run(
-        [*launcher, "-m", "lmkiln.plan.measure", str(steps), *overrides],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"measuring {' '.join(overrides)} failed:\n{proc.stderr[-2000:]}")
-    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    with tempfile.TemporaryDirectory() as out:  # a file per process: their stdout lines interleave
+        proc = subprocess.run(
+            [*launcher, "-m", "lmkiln.plan.measure", out, str(steps), *overrides],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"measuring {' '.join(overrides)} failed:\n{proc.stderr[-2000:]}")
+        results = [json.loads(path.read_text(encoding="utf-8")) for path in Path(out).glob("*.json")]
     if len(results) != processes:
         raise RuntimeError(
             f"measuring {' '.join(overrides)}: {len(results)} of {processes} processes reported"
@@ -117,4 +120,6 @@ if __name__ == "__main__":
     import logging
 
     logging.disable(logging.WARNING)
-    print(json.dumps(measure_here(sys.argv[2:], int(sys.argv[1]))), flush=True)
+    result = measure_here(sys.argv[3:], int(sys.argv[2]))
+    rank = os.environ.get("RANK", "0")
+    Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(result), encoding="utf-8")
