@@ -3,7 +3,8 @@
 FLOP formulas are off by large factors on small models, where per-operator overhead, not
 arithmetic, sets the pace (a 0.9M-parameter model reaches a few percent of the CPU's matmul
 rate). So the plan times the real thing: the same model, optimizer, micro-batch and
-accumulation, through the loop's own `train_step`, on random tokens (random rows for an MLP), after one warm-up step.
+accumulation, through the loop's own `train_step`, on random tokens (random rows for an MLP),
+after one warm-up step.
 """
 
 from __future__ import annotations
