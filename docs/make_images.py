@@ -1,6 +1,6 @@
 """Regenerate the pictures of the docs with the same commands the guides show.
 
-    python docs/make_images.py                    # loss, confusion, chat (~5 min on 2 CPU cores)
+    python docs/make_images.py                    # loss, report, confusion, chat (~6 min on 2 CPU cores)
     python docs/make_images.py --only exposure    # the canary run of data-quality.md (~13 min)
 
 Runs happen in a scratch directory (--workdir, default a temporary one); only the PNGs are copied
@@ -116,8 +116,24 @@ def chat(workdir: Path) -> None:
         server.wait(timeout=90)
 
 
+def report(workdir: Path) -> None:
+    """The default run's report.html, with the plan of the same config set next to the run."""
+    from playwright.sync_api import sync_playwright
+
+    run = default_run(workdir)
+    lmkiln(workdir, "plan", "--save", str(run / "plan.json"))
+    lmkiln(workdir, "report", str(run))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto((run / "report.html").as_uri())
+        page.screenshot(path=str(IMAGES / "report.png"), full_page=True)
+        browser.close()
+
+
 PICTURES: dict[str, Callable[[Path], None]] = {
     "loss": loss,
+    "report": report,
     "confusion": confusion,
     "chat": chat,
     "exposure": exposure,
@@ -129,7 +145,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--only", default="loss,confusion,chat", help=f"comma-separated, of {', '.join(PICTURES)}"
+        "--only", default="loss,report,confusion,chat", help=f"comma-separated, of {', '.join(PICTURES)}"
     )
     parser.add_argument(
         "--workdir", type=Path, help="where the runs go (kept); default: a temporary directory"

@@ -10,10 +10,10 @@ from conftest import run_cli
 from test_cli import FAST, assert_user_error
 from test_train import synthetic_corpus
 
-from lmkiln.config import FinetuneConfig, ModelConfig, build_config, load_config, parse_overrides
+from lmkiln.config import FinetuneConfig, ModelConfig, OptimConfig, build_config, load_config, parse_overrides
 from lmkiln.errors import LmkilnError
 from lmkiln.model.transformer import Transformer, count_parameters
-from lmkiln.plan import parse_duration, parse_memory, plan_training
+from lmkiln.plan import parse_duration, parse_memory, plan_table, plan_training
 from lmkiln.plan.measure import measure
 from lmkiln.plan.memory import per_strategy, probe_activations, training_memory
 
@@ -54,15 +54,19 @@ def test_activations_scale_with_micro_batch_and_sequence():
 
 def test_optimizer_state_follows_the_optimizer():
     probe = probe_activations(SMALL, 16)
-    adam, sgd = (training_memory(SMALL, probe, 1, 16, name) for name in ("adamw", "sgd"))
+    adam, sgd, plain_sgd = (
+        training_memory(SMALL, probe, 1, 16, OptimConfig(name=name, momentum=momentum))
+        for name, momentum in (("adamw", 0.9), ("sgd", 0.9), ("sgd", 0.0))
+    )
     assert adam.optimizer == 2 * sgd.optimizer == 2 * 4 * probe.trainable_parameters
+    assert plain_sgd.optimizer == 0  # SGD without momentum keeps no state
 
 
 def test_strategies_shard_states_and_replicate_activations():
     probe = probe_activations(SMALL, 16)
     estimate = training_memory(SMALL, probe, 4, 16)
     parts = per_strategy(estimate, SMALL.n_layer, 4)
-    assert parts["ddp"] > parts["single"] > parts["fsdp"] > parts["fsdp_offload_device"]
+    assert parts["ddp"] > estimate.total > parts["fsdp"] > parts["fsdp_offload_device"]
     states = estimate.weights + estimate.gradients + estimate.optimizer
     assert parts["fsdp_offload_host"] == -(-states // 4)
 
@@ -179,8 +183,8 @@ def test_plan_command_prints_every_part_and_the_advice(tmp_path):
 
 
 def test_plan_rejects_tasks_it_does_not_cover():
-    cfg = load_config(overrides=["task=supervised"])
-    with pytest.raises(LmkilnError, match="task=pretrain and task=finetune"):
+    cfg = load_config(overrides=["task=encoder"])
+    with pytest.raises(LmkilnError, match="task=pretrain, task=finetune and task=supervised"):
         plan_training(cfg, calibrate_steps=0, measure_overhead=False)
 
 
@@ -189,3 +193,57 @@ def test_the_probe_model_is_small_whatever_the_vocabulary():
     a, b = probe_activations(SMALL, 16), probe_activations(big_vocab, 16)
     assert a.per_block == b.per_block and a.outside_blocks == b.outside_blocks
     assert b.total_parameters - a.total_parameters == (50_000 - 500) * SMALL.d_model
+
+
+def _mlp(*extra: str):
+    overrides = ["task=supervised", "mlp.inputs=32", "mlp.hidden=[64,48]", "mlp.outputs=5", *extra]
+    return build_config([("test", parse_overrides(overrides))])
+
+
+def test_an_mlp_plan_counts_its_layers_and_scales_activations_with_the_batch():
+    plan = plan_table(_mlp("train.batch_size=16"), calibrate_steps=0, measure_overhead=False)
+    weights = 32 * 64 + 64 * 48 + 48 * 5
+    assert plan.parameters == weights + 64 + 48 + 5 and plan.linear_layers == 3
+    assert plan.flops_per_example == 6 * weights
+    assert plan.memory.weights == plan.memory.gradients == 4 * plan.parameters
+    assert plan.memory.optimizer == 2 * 4 * plan.parameters  # AdamW's two moments
+    double = plan_table(_mlp("train.batch_size=32"), calibrate_steps=0, measure_overhead=False)
+    assert double.memory.activations == pytest.approx(2 * plan.memory.activations, rel=0.01)
+    sgd = plan_table(_mlp("optim.name=sgd", "optim.momentum=0"), calibrate_steps=0, measure_overhead=False)
+    assert sgd.memory.optimizer == 0
+
+
+def test_an_mlp_plan_times_real_steps_and_needs_its_widths():
+    plan = plan_table(
+        _mlp("train.batch_size=8", "train.max_steps=40"), calibrate_steps=2, measure_overhead=False
+    )
+    assert plan.calibration.step_seconds > 0
+    assert plan.train_seconds == pytest.approx(40 * plan.calibration.step_seconds)
+    assert plan.examples_per_s == pytest.approx(8 / plan.calibration.step_seconds)
+    with pytest.raises(LmkilnError, match="mlp.inputs and mlp.outputs"):
+        plan_table(build_config([("test", parse_overrides(["task=supervised"]))]), calibrate_steps=0)
+
+
+@pytest.mark.slow
+def test_an_mlp_plan_reads_its_table_and_predicts_a_measured_run_within_15_percent(tmp_path):
+    proc = run_cli("plan", "--recipe", "digits-mlp", cwd=tmp_path, check=True)
+    out = proc.stdout
+    for part in ("MLP 64→128→10", "training /", "weights", "runtime", "FSDP2",
+                 "examples/s", "early stopping"):  # fmt: skip
+        assert part in out, (part, out)
+    # parameter-dominated, the kind of MLP whose memory is worth planning (20M parameters)
+    overrides = ["task=supervised", "mlp.inputs=784", "mlp.hidden=[4096,4096]", "mlp.outputs=10",
+                 "train.batch_size=256"]  # fmt: skip
+    plan = plan_table(build_config([("test", parse_overrides(overrides))]), calibrate_steps=0)
+    measured = measure(overrides, steps=4)["peak_mb"] * 2**20
+    assert plan.memory.runtime > 0
+    assert abs(measured / plan.memory.total - 1) <= 0.15, (measured / 2**20, plan.memory_parts())
+
+
+@pytest.mark.distributed
+def test_per_process_peaks_of_ddp_and_fsdp_are_within_15_percent_of_two_measured_processes():
+    overrides = MEASURED[0]  # batch 16: 8 sequences per process
+    plan = plan_training(build_config([("test", parse_overrides(overrides))]), calibrate_steps=0)
+    for strategy in ("ddp", "fsdp"):
+        measured = measure([*overrides, f"dist.strategy={strategy}"], steps=4, processes=2)["peak_mb"]
+        assert abs(measured * 2**20 / plan.strategies[strategy] - 1) <= 0.15, (strategy, measured)

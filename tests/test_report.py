@@ -96,3 +96,26 @@ def test_runs_lists_every_run_with_its_final_metrics(two_runs):
 def test_report_and_runs_of_something_that_is_not_a_run_are_one_line_errors(tmp_path):
     assert_user_error(run_cli("report", str(tmp_path)), "is not a run directory", "metrics.jsonl")
     assert_user_error(run_cli("runs", str(tmp_path / "nowhere")), "runs directory not found")
+
+
+@pytest.mark.slow
+def test_the_report_sets_the_plan_next_to_what_the_run_measured(two_runs, tmp_path):
+    runs, _ = two_runs
+    train, _ = _metrics(runs / "a")
+    assert all(record["peak_memory_mb"] > 1 for record in train)  # high-water mark less the start
+    run = tmp_path / "a"
+    shutil.copytree(runs / "a", run)
+    corpus = runs.parent / "corpus.txt"
+    run_cli("plan", f"data.corpus={corpus}", *RUN_ARGS, "--save", str(run / "plan.json"), cwd=runs.parent,
+            check=True)  # fmt: skip
+    plan = json.loads((run / "plan.json").read_text())
+    out = tmp_path / "report.html"
+    run_cli("report", str(run), "--out", str(out), check=True)
+    section = out.read_text().split("plan vs measured")[1].split("</table>")[0]
+    for predicted, measured in (
+        (plan["tokens_per_s"], train[-1]["tokens_per_s"]),
+        (plan["train_seconds"], train[-1]["elapsed_s"]),
+        (plan["predicted_peak_bytes"] / 2**20, train[-1]["peak_memory_mb"]),
+    ):
+        assert f"{predicted:.0f}" in section or f"{predicted:.1f}" in section
+        assert f"{measured:.0f}" in section or f"{measured:.1f}" in section

@@ -1,12 +1,13 @@
 """Measured peak memory and step time of a training run, in a fresh process.
 
-`python -m lmkiln.plan.measure STEPS KEY=VALUE ...` builds the model and optimizer a run of that
-config builds, trains STEPS steps on random tokens and prints one JSON line: `peak_mb`, the
-process's peak resident memory (VmHWM) minus its resident memory just before the model was built
-(imports and the batch excluded), and `step_s`, the fastest step after the first two (the
-least disturbed by other processes on a shared machine). A fresh process, because a peak
-cannot be reset. The plan uses it once per machine for the runtime's own overhead; the
-plan-accuracy benchmark uses it for every configuration it checks.
+`python -m lmkiln.plan.measure DIR STEPS KEY=VALUE ...` builds the model and optimizer a run of
+that config builds, trains STEPS steps on random tokens (rows, for an MLP) and writes
+DIR/rank0.json (a file per process under torchrun): `peak_mb`, the process's peak resident
+memory (VmHWM) minus its resident memory just before the model and its synthetic batch were
+built (imports excluded), and `step_s`, the fastest step after the first two (the least
+disturbed by other processes on a shared machine). A fresh process, because a peak cannot be
+reset. The plan uses it once per machine for the runtime's own overhead; the plan-accuracy
+benchmark uses it for every configuration it checks.
 """
 
 from __future__ import annotations
@@ -15,88 +16,101 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status", encoding="utf-8") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def measure_here(overrides: list[str], steps: int) -> dict[str, float]:
-    """Train `steps` steps in this process; call it in a fresh one (see `measure`)."""
+    """Train `steps` steps in this process; call it in a fresh one (see `measure`). Launched by
+    torchrun, each process trains its share of the batch through DDP or FSDP2 (dist.strategy)."""
     from lmkiln.config import build_config, parse_overrides, resolve
-    from lmkiln.plan.speed import build_model, synthetic_batch
-    from lmkiln.train.objectives import LanguageModelLoss
+    from lmkiln.plan.speed import build_workload
+    from lmkiln.train.distributed import parallelize
     from lmkiln.train.optim import build_optimizer
-    from lmkiln.train.runtime import Runtime
+    from lmkiln.train.runtime import Runtime, process_memory_mb
     from lmkiln.train.step import train_step
 
     # LoRA keys next to a pretraining model's: the sections are not checked against a task
     cfg = build_config([("measure", parse_overrides(overrides))], check_sections=False)
-    run = resolve(cfg)
     lora = cfg.finetune if cfg.finetune.method == "lora" else None
     if lora is not None:
         import peft  # noqa: F401  (its imports are not training memory)
     runtime = Runtime.start(cfg.train, cfg.dist)
-    batch = synthetic_batch(cfg.model, run.batch.micro_batch_size, cfg.train.seq_len, runtime.device)
-    baseline = _status_mb("VmRSS")
-    model = build_model(cfg.model, cfg, runtime.device, lora).train()
-    optimizer = build_optimizer(model, cfg.optim)
+    plan = resolve(cfg, runtime.world_size).batch
+    baseline = process_memory_mb("VmRSS")
+    work = build_workload(cfg, cfg.model, plan.micro_batch_size, runtime.device, lora)
+    model = parallelize(work.model.train(), cfg, runtime)
+    optimizer = build_optimizer(work.model, cfg.optim)  # after FSDP2 made the parameters shards
     durations = []
     for _ in range(steps):
         started = time.perf_counter()
-        result = train_step(model, LanguageModelLoss(), [batch] * run.batch.accumulation, runtime, 1.0)
+        result = train_step(model, work.objective, [work.batch] * plan.accumulation, runtime, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         result.loss.item()
         durations.append(time.perf_counter() - started)
-    return {"peak_mb": _status_mb("VmHWM") - baseline, "step_s": min(durations[2:] or durations)}
+    peak = process_memory_mb("VmHWM") - baseline
+    runtime.shutdown()
+    return {"peak_mb": peak, "step_s": min(durations[2:] or durations)}
 
 
-def measure(overrides: list[str], steps: int = 6) -> dict[str, float]:
-    """`measure_here` in a fresh Python process (same interpreter and lmkiln)."""
+def measure(overrides: list[str], steps: int = 6, processes: int = 1) -> dict[str, float]:
+    """`measure_here` in a fresh Python process (same interpreter and lmkiln), or in `processes`
+    processes under torchrun: then the largest peak and the slowest step of any process."""
     import lmkiln
 
     source = os.path.dirname(os.path.dirname(lmkiln.__file__))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(
-        [sys.executable, "-m", "lmkiln.plan.measure", str(steps), *overrides],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"measuring {' '.join(overrides)} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+        env["OMP_NUM_THREADS"] = env.get(
+            "OMP_NUM_THREADS", "1"
+        )  # torchrun's default; set, it keeps torchrun's warning out
+    with tempfile.TemporaryDirectory() as out:  # a file per process: their stdout lines interleave
+        proc = subprocess.run(
+            [*launcher, "-m", "lmkiln.plan.measure", out, str(steps), *overrides],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"measuring {' '.join(overrides)} failed:\n{proc.stderr[-2000:]}")
+        results = [json.loads(path.read_text(encoding="utf-8")) for path in Path(out).glob("*.json")]
+    if len(results) != processes:
+        raise RuntimeError(
+            f"measuring {' '.join(overrides)}: {len(results)} of {processes} processes reported"
+        )
+    return {"peak_mb": max(r["peak_mb"] for r in results), "step_s": max(r["step_s"] for r in results)}
 
 
-TINY = [
-    "model.n_layer=1",
-    "model.d_model=64",
-    "model.n_head=2",
-    "model.vocab_size=64",
-    "model.block_size=16",
-    "train.seq_len=16",
-    "train.batch_size=1",
-]
-"""A model whose tensors are negligible: what its training adds is the runtime's own memory."""
+TINY: dict[str, list[str]] = {
+    "transformer": [
+        "model.n_layer=1",
+        "model.d_model=64",
+        "model.n_head=2",
+        "model.vocab_size=64",
+        "model.block_size=16",
+        "train.seq_len=16",
+        "train.batch_size=1",
+    ],
+    "mlp": ["task=supervised", "mlp.inputs=4", "mlp.hidden=[4]", "mlp.outputs=2", "train.batch_size=1"],
+}
+"""Per kind of model, one whose tensors are negligible: what its training adds is the runtime's own
+memory (the kernels a transformer's step touches are many more than an MLP's)."""
 
 
-def runtime_overhead(cpu_matmul: str, cache_dir: Path) -> int:
+def runtime_overhead(cpu_matmul: str, cache_dir: Path, kind: str = "transformer") -> int:
     """Bytes a training process adds beyond its tensors on this machine (code pages of the kernels
     it touches, oneDNN primitives, thread pools, allocator slack); measured once and cached."""
     import torch
 
-    path = cache_dir / "plan" / f"overhead-torch{torch.__version__}-{cpu_matmul}.json"
+    path = cache_dir / "plan" / f"overhead-{kind}-torch{torch.__version__}-{cpu_matmul}.json"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))["bytes"]
-    measured = int(measure([*TINY, f"train.cpu_matmul={cpu_matmul}"], steps=3)["peak_mb"] * 2**20)
+    measured = int(measure([*TINY[kind], f"train.cpu_matmul={cpu_matmul}"], steps=3)["peak_mb"] * 2**20)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"bytes": measured}), encoding="utf-8")
     return measured
@@ -106,4 +120,6 @@ if __name__ == "__main__":
     import logging
 
     logging.disable(logging.WARNING)
-    print(json.dumps(measure_here(sys.argv[2:], int(sys.argv[1]))), flush=True)
+    result = measure_here(sys.argv[3:], int(sys.argv[2]))
+    rank = os.environ.get("RANK", "0")
+    Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(result), encoding="utf-8")

@@ -11,18 +11,27 @@ checkpointing); the logits, which a real vocabulary makes large, are added from 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
-from lmkiln.config import FinetuneConfig, ModelConfig
+from lmkiln.config import FinetuneConfig, ModelConfig, OptimConfig
 from lmkiln.model.loss import CHUNK_ABOVE, CHUNK_LOGITS
 from lmkiln.model.transformer import Transformer, count_parameters
 
 FP32 = 4
-OPTIMIZER_STATES: dict[str, int] = {"adamw": 2, "adam": 2, "sgd": 1, "rmsprop": 2, "adagrad": 1}
-"""fp32 tensors of optimizer state per trainable parameter (SGD and RMSprop with momentum)."""
+
+
+def optimizer_states(optim: OptimConfig) -> int:
+    """fp32 tensors of state the optimizer keeps per trainable parameter: Adam's two moments,
+    RMSprop's square average (and momentum buffer), Adagrad's sum, SGD's momentum buffer (none
+    without momentum)."""
+    momentum = 1 if optim.momentum > 0 else 0
+    return {"adamw": 2, "adam": 2, "sgd": momentum, "rmsprop": 1 + momentum, "adagrad": 1}[optim.name]
+
+
 PROBE_VOCAB = 64
 """Vocabulary of the probe models: the logits are added from their real shape instead."""
 
@@ -42,8 +51,9 @@ class ActivationProbe:
     embedding_parameters: int
 
 
-def _saved_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> int:
-    """Bytes of the distinct tensors autograd saves in one forward pass (parameters excluded)."""
+def saved_tensor_bytes(model: torch.nn.Module, forward: Callable[[], object]) -> list[int]:
+    """Bytes of each distinct tensor autograd saves while `forward()` runs `model` (its parameters
+    and buffers excluded)."""
     weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     saved: dict[int, int] = {}
 
@@ -54,8 +64,12 @@ def _saved_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> int:
         return tensor
 
     with saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(tokens, targets=tokens)
-    return sum(saved.values())
+        forward()
+    return list(saved.values())
+
+
+def _saved_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> int:
+    return sum(saved_tensor_bytes(model, lambda: model(tokens, targets=tokens)))
 
 
 def _probe_model(cfg: ModelConfig, n_layer: int, lora: FinetuneConfig | None) -> Transformer:
@@ -161,7 +175,7 @@ def training_memory(
     probe: ActivationProbe,
     micro_batch: int,
     seq_len: int,
-    optimizer: str = "adamw",
+    optim: OptimConfig | None = None,
     checkpointing: bool = False,
     runtime_overhead: int = 0,
 ) -> MemoryEstimate:
@@ -174,7 +188,7 @@ def training_memory(
     return MemoryEstimate(
         weights=probe.total_parameters * FP32,
         gradients=trainable * FP32,
-        optimizer=OPTIMIZER_STATES[optimizer] * trainable * FP32,
+        optimizer=optimizer_states(optim or OptimConfig()) * trainable * FP32,
         activations=activations,
         activations_per_block=micro_batch * per_block,
         logits=logits_bytes(micro_batch * seq_len, cfg.vocab_size),
@@ -185,7 +199,8 @@ def training_memory(
 
 
 def per_strategy(estimate: MemoryEstimate, n_layer: int, world_size: int) -> dict[str, int]:
-    """Peak bytes per process for each way of spreading the run over `world_size` processes.
+    """Peak bytes per process for each way of spreading the run over `world_size` processes;
+    `estimate` is one process's at its share of the batch.
 
     DDP replicates everything and adds gradient buckets (a second copy of the gradients); FSDP2
     shards weights, gradients and optimizer state and gathers one block's weights at a time (two
@@ -197,7 +212,6 @@ def per_strategy(estimate: MemoryEstimate, n_layer: int, world_size: int) -> dic
     gathered = 2 * estimate.weights // max(n_layer, 1)
     sharded = math.ceil(states / world_size)
     return {
-        "single": estimate.total,
         "ddp": estimate.total + estimate.gradients,
         "fsdp": activations + sharded + gathered,
         "fsdp_offload_device": activations + gathered,

@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lmkiln.config import Config, FinetuneConfig, ModelConfig, resolve
+from lmkiln.config import Config, FinetuneConfig, ModelConfig, TrainConfig, batch_plan, resolve
 from lmkiln.config import parse_duration as config_duration
 from lmkiln.data.shards import cache_root
 from lmkiln.errors import LmkilnError
@@ -60,6 +61,7 @@ class Plan:
     memory: MemoryEstimate
     memory_checkpointed: MemoryEstimate
     strategies: dict[str, int]
+    """Peak per process by way of spreading the run over STRATEGY_PROCESSES processes."""
     flops_per_token: int
     micro_batch: int
     accumulation: int
@@ -166,7 +168,9 @@ def _model_and_method(cfg: Config) -> tuple[Config, ModelConfig, FinetuneConfig 
             cfg, model=base.model_cfg, train=dataclasses.replace(cfg.train, seq_len=seq_len)
         )
     elif cfg.task != "pretrain":
-        raise LmkilnError(f"lmkiln plan covers task=pretrain and task=finetune, not task={cfg.task}")
+        raise LmkilnError(
+            f"lmkiln plan covers task=pretrain, task=finetune and task=supervised, not task={cfg.task}"
+        )
     lora = cfg.finetune if cfg.finetune.method == "lora" else None
     return cfg, cfg.model, lora
 
@@ -196,7 +200,7 @@ def plan_training(
     probe = probe_activations(model_cfg, t.seq_len, lora)
     overhead = runtime_overhead(t.cpu_matmul, cache_root(cfg.data)) if measure_overhead else 0
     both = [
-        training_memory(model_cfg, probe, micro, t.seq_len, cfg.optim.name, ckpt, overhead)
+        training_memory(model_cfg, probe, micro, t.seq_len, cfg.optim, ckpt, overhead)
         for ckpt in (False, True)
     ]
     memory = both[t.activation_checkpointing]
@@ -206,7 +210,13 @@ def plan_training(
         probe=probe,
         memory=memory,
         memory_checkpointed=both[1],
-        strategies=per_strategy(memory, model_cfg.n_layer, 2),
+        strategies=strategy_peaks(
+            t,
+            lambda micro: training_memory(
+                model_cfg, probe, micro, t.seq_len, cfg.optim, t.activation_checkpointing, overhead
+            ),
+            model_cfg.n_layer,
+        ),
         flops_per_token=training_flops_per_token(model_cfg, t.seq_len),
         micro_batch=micro,
         accumulation=accumulation,
@@ -225,6 +235,22 @@ def plan_training(
     return plan
 
 
+STRATEGY_PROCESSES = 2
+"""The process count the per-strategy figures are given for."""
+
+
+def strategy_peaks(
+    t: TrainConfig, estimate_at: Callable[[int], MemoryEstimate], blocks: int
+) -> dict[str, int]:
+    """Per-process peaks at STRATEGY_PROCESSES processes, each with its share of the batch
+    (none when the batch does not split)."""
+    try:
+        micro = batch_plan(t, STRATEGY_PROCESSES).micro_batch_size
+    except LmkilnError:
+        return {}
+    return per_strategy(estimate_at(micro), blocks, STRATEGY_PROCESSES)
+
+
 def _predict_time(plan: Plan) -> None:
     t = plan.cfg.train
     plan.train_seconds = plan.total_steps * plan.calibration.step_seconds
@@ -233,7 +259,7 @@ def _predict_time(plan: Plan) -> None:
     if plan.data_tokens:  # the validation split is about val_fraction / (1 - val_fraction) of train
         share = plan.cfg.data.val_fraction / max(1 - plan.cfg.data.val_fraction, 1e-9)
         eval_tokens = min(eval_tokens, int(plan.data_tokens * share))
-    plan.eval_seconds = evaluations * eval_tokens * plan.calibration.eval_seconds_per_token
+    plan.eval_seconds = evaluations * eval_tokens * plan.calibration.eval_seconds_per_unit
 
 
 def _fit_memory(plan: Plan, limit: int, lora: FinetuneConfig | None) -> None:
@@ -243,7 +269,7 @@ def _fit_memory(plan: Plan, limit: int, lora: FinetuneConfig | None) -> None:
     for checkpointing in (t.activation_checkpointing, True):
         for micro in sorted((d for d in range(1, batch + 1) if batch % d == 0), reverse=True):
             estimate = training_memory(
-                m, plan.probe, micro, t.seq_len, plan.cfg.optim.name, checkpointing, plan.memory.runtime
+                m, plan.probe, micro, t.seq_len, plan.cfg.optim, checkpointing, plan.memory.runtime
             )
             if estimate.total <= limit:
                 if (micro, checkpointing) != (plan.micro_batch, t.activation_checkpointing):
@@ -261,7 +287,7 @@ def _fit_memory(plan: Plan, limit: int, lora: FinetuneConfig | None) -> None:
                     ),
                 )
                 return
-    smallest = training_memory(m, plan.probe, 1, t.seq_len, plan.cfg.optim.name, True, plan.memory.runtime)
+    smallest = training_memory(m, plan.probe, 1, t.seq_len, plan.cfg.optim, True, plan.memory.runtime)
     hint = "" if lora else ", or train LoRA adapters (task=finetune finetune.method=lora)"
     raise LmkilnError(
         f"--memory {format_bytes(limit)} is below the smallest configuration of this model "

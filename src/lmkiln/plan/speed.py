@@ -3,7 +3,8 @@
 FLOP formulas are off by large factors on small models, where per-operator overhead, not
 arithmetic, sets the pace (a 0.9M-parameter model reaches a few percent of the CPU's matmul
 rate). So the plan times the real thing: the same model, optimizer, micro-batch and
-accumulation, through the loop's own `train_step`, on random tokens, after one warm-up step.
+accumulation, through the loop's own `train_step`, on random tokens (random rows for an MLP),
+after one warm-up step.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 
 from lmkiln.config import Config, FinetuneConfig, ModelConfig
 from lmkiln.tasks.pretrain import build_transformer
-from lmkiln.train.objectives import LanguageModelLoss
+from lmkiln.train.objectives import LanguageModelLoss, Objective, SupervisedLoss
 from lmkiln.train.optim import build_optimizer
 from lmkiln.train.runtime import Runtime
 from lmkiln.train.step import train_step
@@ -27,29 +28,56 @@ class Calibration:
     step_seconds: float
     """Seconds of one optimizer step (all micro-batches, clipping, optimizer): the fastest timed
     step, the one least disturbed by other work on the machine."""
-    eval_seconds_per_token: float
-    """Forward-only seconds per validation token."""
+    eval_seconds_per_unit: float
+    """Forward-only seconds per validation token (per row, for an MLP)."""
     steps_timed: int
     device: str
 
 
-def build_model(
-    model_cfg: ModelConfig, cfg: Config, device: torch.device, lora: FinetuneConfig | None
-) -> nn.Module:
-    """The model a run of `cfg` trains (LoRA adapters injected when `lora` is given)."""
+@dataclass
+class Workload:
+    """One training step's work: the model a run of the config trains, its objective and a
+    synthetic micro-batch of the run's shape (random tokens, or random rows for an MLP)."""
+
+    model: nn.Module
+    objective: Objective
+    batch: dict[str, torch.Tensor]
+
+
+def build_workload(
+    cfg: Config,
+    model_cfg: ModelConfig,
+    micro_batch: int,
+    device: torch.device,
+    lora: FinetuneConfig | None = None,
+) -> Workload:
+    """The workload of `cfg`: a transformer (LoRA adapters injected when `lora` is given) or, for
+    task=supervised, the MLP of its `mlp` section (mlp.inputs and mlp.outputs set)."""
     t = cfg.train
+    generator = torch.Generator().manual_seed(0)
+    if cfg.task == "supervised":
+        from lmkiln.model.mlp import build_mlp
+
+        inputs, outputs = cfg.mlp.inputs, cfg.mlp.outputs
+        torch.manual_seed(t.seed)
+        model = build_mlp(cfg.mlp, inputs, outputs).to(device)
+        objective = SupervisedLoss(**vars(cfg.loss))
+        x = torch.randn(micro_batch, inputs, generator=generator)
+        if objective.kind == "classification":
+            y = torch.randint(0, outputs, (micro_batch,), generator=generator)
+        elif objective.kind == "multilabel":
+            y = torch.randint(0, 2, (micro_batch, outputs), generator=generator).float()
+        else:
+            y = torch.randn(micro_batch, outputs, generator=generator)
+        return Workload(model, objective, {"x": x.to(device), "y": y.to(device)})
     model = build_transformer(model_cfg, device, t.seed, t.activation_checkpointing, t.cpu_matmul)
     if lora is not None:
         from lmkiln.finetune.methods import apply_method
 
         apply_method(model, model, lora, [])
-    return model
-
-
-def synthetic_batch(model_cfg: ModelConfig, micro_batch: int, seq_len: int, device: torch.device) -> dict:
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, model_cfg.vocab_size, (micro_batch, seq_len + 1), generator=generator)
-    return {"input_ids": tokens[:, :-1].to(device), "labels": tokens[:, 1:].to(device)}
+    tokens = torch.randint(0, model_cfg.vocab_size, (micro_batch, t.seq_len + 1), generator=generator)
+    batch = {"input_ids": tokens[:, :-1].to(device), "labels": tokens[:, 1:].to(device)}
+    return Workload(model, LanguageModelLoss(), batch)
 
 
 def calibrate(
@@ -62,10 +90,9 @@ def calibrate(
 ) -> Calibration:
     """Time `steps` optimizer steps (after one warm-up) and a forward pass on this machine."""
     runtime = Runtime.start(cfg.train, cfg.dist)
-    model = build_model(model_cfg, cfg, runtime.device, lora).train()
+    work = build_workload(cfg, model_cfg, micro_batch, runtime.device, lora)
+    model, objective, batch = work.model.train(), work.objective, work.batch
     optimizer = build_optimizer(model, cfg.optim)
-    batch = synthetic_batch(model_cfg, micro_batch, cfg.train.seq_len, runtime.device)
-    objective = LanguageModelLoss()
     durations = []
     for _ in range(steps + 1):
         started = time.perf_counter()
@@ -81,9 +108,10 @@ def calibrate(
             started = time.perf_counter()
             objective(model, batch).item()
             forward.append(time.perf_counter() - started)
+    units_per_row = 1 if cfg.task == "supervised" else cfg.train.seq_len
     return Calibration(
         step_seconds=min(durations[1:]),
-        eval_seconds_per_token=min(forward) / batch["input_ids"].numel(),
+        eval_seconds_per_unit=min(forward) / (micro_batch * units_per_row),
         steps_timed=steps,
         device=str(runtime.device),
     )

@@ -104,12 +104,15 @@ def _plan_section(record: RunRecord) -> str:
         return ""
     plan, final = record.plan, record.final
     rows = []
-    if plan.get("tokens_per_s") and "tokens_per_s" in final:
-        rows.append(["tokens/s", f"{plan['tokens_per_s']:.0f}", f"{final['tokens_per_s']:.0f}"])
+    # the loop logs its rate as tokens_per_s whatever it counts (examples for an MLP)
+    unit = "tokens" if plan.get("tokens_per_s") else "examples"
+    if plan.get(f"{unit}_per_s") and "tokens_per_s" in final:
+        rows.append([f"{unit}/s", f"{plan[f'{unit}_per_s']:.0f}", f"{final['tokens_per_s']:.0f}"])
     if plan.get("train_seconds") and "elapsed_s" in final:
         rows.append(["training time (s)", f"{plan['train_seconds']:.1f}", f"{final['elapsed_s']:.1f}"])
     if plan.get("predicted_peak_bytes"):
-        rows.append(["peak memory (MiB)", f"{plan['predicted_peak_bytes'] / 2**20:.1f}", "-"])
+        measured = f"{final['peak_memory_mb']:.1f}" if "peak_memory_mb" in final else "-"
+        rows.append(["peak memory (MiB)", f"{plan['predicted_peak_bytes'] / 2**20:.1f}", measured])
     return f"<h3>{html.escape(record.directory.name)}: plan vs measured</h3>" + _table(
         ["", "predicted", "measured"], rows
     )

@@ -28,7 +28,13 @@ class RunRecord:
         out: dict[str, Any] = {}
         if self.train:
             last = self.train[-1]
-            out.update({k: last[k] for k in ("step", "loss", "tokens_per_s", "elapsed_s") if k in last})
+            out.update(
+                {
+                    k: last[k]
+                    for k in ("step", "loss", "tokens_per_s", "elapsed_s", "peak_memory_mb")
+                    if k in last
+                }
+            )
         if self.evals:
             out.update({k: v for k, v in self.evals[-1].items() if k.startswith("val_")})
         return out

@@ -75,7 +75,8 @@ class TabularResult:
         return "\n".join(lines)
 
 
-def _check_widths(cfg: Config, table: Table) -> None:
+def check_widths(cfg: Config, table: Table) -> None:
+    """mlp.inputs and mlp.outputs, where set, must match the table."""
     features = table.x.shape[1]
     if cfg.mlp.inputs and cfg.mlp.inputs != features:
         names = ", ".join(table.feature_names[:3]) + (", …" if features > 3 else "")
@@ -130,7 +131,7 @@ def train_table(
 ) -> TabularResult:
     kind = LOSS_KINDS[cfg.loss.name]
     table = load_table(cfg.table, kind, cfg.mlp.outputs if kind == "classification" else 0)
-    _check_widths(cfg, table)
+    check_widths(cfg, table)
     splits = split_table(table, cfg.table)
     mean, std = standardize(splits) if cfg.table.standardize else (None, None)
     torch.manual_seed(cfg.train.seed)  # the same seed gives the same initial weights

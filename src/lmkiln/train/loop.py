@@ -376,6 +376,9 @@ class TrainLoop:
             "elapsed_s": self.state.train_seconds,
             "nonfinite_steps": self.state.nonfinite_steps,
         }
+        peak = self.runtime.peak_memory_mb()
+        if peak is not None:
+            values["peak_memory_mb"] = peak
         if self.state.epoch:
             values["epoch"] = self.state.epoch
         # An objective may report figures of its own (preference: reward margin and accuracy).

@@ -44,6 +44,19 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def process_memory_mb(field: str = "VmRSS") -> float | None:
+    """This process's resident memory (VmRSS) or its high-water mark (VmHWM) in MiB, from
+    /proc/self/status; None where there is no such file (macOS, Windows)."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        return None
+    return None
+
+
 def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dict:
     """Under torchrun, a store namespace per restart attempt.
 
@@ -75,6 +88,9 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     timeout_s: float = 600.0
+    memory_at_start_mb: float | None = None
+    """Resident memory when the runtime started, after the imports and before data and model: the
+    baseline of `peak_memory_mb`, as the plan's prediction leaves out the imports."""
     _group_started: bool = field(default=False, repr=False)
 
     @classmethod
@@ -96,6 +112,7 @@ class Runtime:
             world_size,
             local_rank,
             timeout_s=dist_cfg.timeout_s,
+            memory_at_start_mb=process_memory_mb(),
         )
         if world_size > 1 and not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
@@ -103,6 +120,16 @@ class Runtime:
             dist.init_process_group(backend, timeout=timeout, **_attempt_store(rank, world_size, timeout))
             runtime._group_started = True
         return runtime
+
+    def peak_memory_mb(self) -> float | None:
+        """Peak memory of training so far: on CUDA the most the caching allocator held; on the
+        CPU the process's high-water mark less its memory at start (Linux)."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_reserved(self.device) / 2**20
+        peak = process_memory_mb("VmHWM")
+        if peak is None or self.memory_at_start_mb is None:
+            return None
+        return peak - self.memory_at_start_mb
 
     @property
     def is_main(self) -> bool:
