@@ -196,3 +196,11 @@ def test_builtin_stdlib_fingerprint_is_stable_cheap_and_follows_the_files(tmp_pa
     assert first != source_fingerprints("builtin:pydoc")
     write(tmp_path / "m.py", '"""Another doc."""\n')
     assert source_fingerprints("builtin:stdlib") != first
+
+
+def test_audit_findings_in_a_docstring_name_the_stdlib_file_and_line():
+    from lmkiln.data.audit import location
+
+    text = "Summary line.\n\nSecond paragraph with a finding."
+    assert location("stdlib:json/decoder.py:42", text, text.index("finding")) == "stdlib:json/decoder.py:44"
+    assert location("pydoc:assert", text, 0) == "pydoc:assert:1"
