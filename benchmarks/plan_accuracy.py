@@ -112,7 +112,7 @@ def predict(overrides: list[str], spread: bool = False) -> dict:
     return {
         "peak_mb": plan.memory.total / 2**20,
         "step_s": plan.calibration.step_seconds,
-        "parts_mb": {k: round(v / 2**20, 2) for k, v in plan.memory_parts().items()},
+        "parts_mb": {k: round(v / 2**20, 2) for k, v in plan.memory.parts().items()},
     }
 
 

@@ -55,14 +55,20 @@ def tokenizer(chatml: bool = True) -> Tokenizer:
 
 
 def make_base(
-    directory: Path, *, chatml: bool = True, tie: bool = True, seed: int = 0, block_size: int = 96
+    directory: Path,
+    *,
+    chatml: bool = True,
+    tie: bool = True,
+    seed: int = 0,
+    block_size: int = 96,
+    d_model: int = 32,
 ) -> Path:
     """A run directory with a random tiny model and its tokenizer, as `lmkiln train` leaves one."""
     tok = tokenizer(chatml)
     cfg = load_config(
         overrides=[
             "model.preset=tiny",
-            "model.d_model=32",
+            f"model.d_model={d_model}",
             f"model.vocab_size={tok.vocab_size}",
             f"model.tie_embeddings={tie}",
             f"model.block_size={block_size}",

@@ -18,12 +18,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 
 def measure_here(overrides: list[str], steps: int) -> dict[str, float]:
     """Train `steps` steps in this process; call it in a fresh one (see `measure`). Launched by
     torchrun, each process trains its share of the batch through DDP or FSDP2 (dist.strategy)."""
+    import torch
+
     from lmkiln.config import build_config, parse_overrides, resolve
     from lmkiln.plan.speed import build_workload
     from lmkiln.train.distributed import parallelize
@@ -52,16 +55,25 @@ def measure_here(overrides: list[str], steps: int) -> dict[str, float]:
         durations.append(time.perf_counter() - started)
     peak = process_memory_mb("VmHWM") - baseline
     runtime.shutdown()
-    return {"peak_mb": peak, "step_s": min(durations[2:] or durations)}
+    states = [*work.model.parameters(), *(t for s in optimizer.state.values() for t in s.values())]
+    states_mb = sum(t.numel() * t.element_size() for t in states if torch.is_tensor(t)) / 2**20
+    return {"peak_mb": peak, "step_s": min(durations[2:] or durations), "states_mb": states_mb}
 
 
-def measure(overrides: list[str], steps: int = 6, processes: int = 1) -> dict[str, float]:
-    """`measure_here` in a fresh Python process (same interpreter and lmkiln), or in `processes`
-    processes under torchrun: then the largest peak and the slowest step of any process."""
+def measure(
+    overrides: list[str], steps: int = 6, processes: int = 1, env: dict[str, str] | None = None
+) -> dict[str, float]:
+    """`measure_here` in a fresh Python process (same interpreter and lmkiln, `env` added to the
+    environment), or in `processes` processes under torchrun: then the largest peak and the
+    slowest step of any process."""
     import lmkiln
 
     source = os.path.dirname(os.path.dirname(lmkiln.__file__))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        **(env or {}),
+        "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")])),
+    }
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
@@ -83,7 +95,11 @@ def measure(overrides: list[str], steps: int = 6, processes: int = 1) -> dict[st
         raise RuntimeError(
             f"measuring {' '.join(overrides)}: {len(results)} of {processes} processes reported"
         )
-    return {"peak_mb": max(r["peak_mb"] for r in results), "step_s": max(r["step_s"] for r in results)}
+    return {
+        "peak_mb": max(r["peak_mb"] for r in results),
+        "step_s": max(r["step_s"] for r in results),
+        "states_mb": max(r["states_mb"] for r in results),
+    }
 
 
 TINY: dict[str, list[str]] = {
@@ -101,19 +117,67 @@ TINY: dict[str, list[str]] = {
 """Per kind of model, one whose tensors are negligible: what its training adds is the runtime's own
 memory (the kernels a transformer's step touches are many more than an MLP's)."""
 
+REFERENCE: dict[str, list[str]] = {
+    "transformer": [
+        "model.n_layer=2",
+        "model.d_model=128",
+        "model.n_head=4",
+        "model.vocab_size=2048",
+        "model.block_size=128",
+        "train.seq_len=128",
+        "train.batch_size=16",
+    ],
+    "mlp": [
+        "task=supervised",
+        "mlp.inputs=256",
+        "mlp.hidden=[1024,1024]",
+        "mlp.outputs=10",
+        "train.batch_size=256",
+    ],
+}
+"""Per kind, a model whose step allocates ~100 MiB: how much of that the C allocator keeps."""
 
-def runtime_overhead(cpu_matmul: str, cache_dir: Path, kind: str = "transformer") -> int:
-    """Bytes a training process adds beyond its tensors on this machine (code pages of the kernels
-    it touches, oneDNN primitives, thread pools, allocator slack); measured once and cached."""
+RETURN_FREED = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
+"""glibc maps every block of 1 MiB or more on allocation and unmaps it on free: the process then
+holds its live tensors only (and each step pays for fresh pages: ~1.5x slower, so only to measure)."""
+
+
+@dataclass(frozen=True)
+class RuntimeMemory:
+    """What a training process holds beyond its live tensors, on this machine."""
+
+    overhead: int
+    """Bytes of the runtime itself: code pages of the kernels a step touches, oneDNN primitives,
+    thread pools (a tiny model's peak)."""
+    heap_retention: float
+    """Share of a step's heap-sized tensors that glibc keeps resident after they are freed: freed
+    blocks under its mmap threshold (which rises to 32 MiB) stay in the heap, fragmented, for
+    reuse, instead of returning to the system."""
+
+
+def runtime_memory(cpu_matmul: str, cache_dir: Path, kind: str = "transformer") -> RuntimeMemory:
+    """Measure, once per machine, torch version and kind of model, then cached.
+
+    The overhead is TINY[kind]'s peak. The retention compares REFERENCE[kind]'s peak under the
+    default allocator with its peak when glibc returns every freed block (RETURN_FREED): the
+    difference, over the tensors its step holds beyond weights and optimizer state (that peak
+    less the overhead and those states).
+    """
     import torch
 
-    path = cache_dir / "plan" / f"overhead-{kind}-torch{torch.__version__}-{cpu_matmul}.json"
+    path = cache_dir / "plan" / f"runtime-{kind}-torch{torch.__version__}-{cpu_matmul}.json"
     if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))["bytes"]
-    measured = int(measure([*TINY[kind], f"train.cpu_matmul={cpu_matmul}"], steps=3)["peak_mb"] * 2**20)
+        return RuntimeMemory(**json.loads(path.read_text(encoding="utf-8")))
+    matmul = f"train.cpu_matmul={cpu_matmul}"
+    overhead_mb = measure([*TINY[kind], matmul], steps=3)["peak_mb"]
+    default = measure([*REFERENCE[kind], matmul], steps=10)
+    returned = measure([*REFERENCE[kind], matmul], steps=4, env=RETURN_FREED)
+    step_mb = returned["peak_mb"] - overhead_mb - returned["states_mb"]
+    retention = max(default["peak_mb"] - returned["peak_mb"], 0.0) / max(step_mb, 1.0)
+    result = RuntimeMemory(overhead=int(overhead_mb * 2**20), heap_retention=round(retention, 4))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"bytes": measured}), encoding="utf-8")
-    return measured
+    path.write_text(json.dumps(vars(result)), encoding="utf-8")
+    return result
 
 
 if __name__ == "__main__":

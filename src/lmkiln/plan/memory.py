@@ -20,6 +20,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from lmkiln.config import FinetuneConfig, ModelConfig, OptimConfig
 from lmkiln.model.loss import CHUNK_ABOVE, CHUNK_LOGITS
 from lmkiln.model.transformer import Transformer, count_parameters
+from lmkiln.plan.measure import RuntimeMemory
 
 FP32 = 4
 
@@ -49,6 +50,14 @@ class ActivationProbe:
     total_parameters: int
     trainable_parameters: int
     embedding_parameters: int
+    mapped_gradients: int = 0
+    """Bytes of the gradients of MMAP_THRESHOLD_MAX or more each: glibc maps them apart, so they
+    never stay in its heap."""
+
+
+def mapped_bytes(parameters: list[tuple[int, int]]) -> int:
+    """Bytes of the (numel, copies) parameter tensors whose fp32 gradient glibc maps apart."""
+    return sum(numel * FP32 * copies for numel, copies in parameters if numel * FP32 >= MMAP_THRESHOLD_MAX)
 
 
 def saved_tensor_bytes(model: torch.nn.Module, forward: Callable[[], object]) -> list[int]:
@@ -100,6 +109,7 @@ def probe_activations(cfg: ModelConfig, seq_len: int, lora: FinetuneConfig | Non
     logits = seq_len * PROBE_VOCAB * FP32  # the log-softmax output the loss keeps
     total, trainable, embedding = _parameter_counts(cfg, lora)
     return ActivationProbe(
+        mapped_gradients=_mapped_gradients(cfg, lora),
         per_block=per_block,
         per_block_checkpointed=saved[True, 2] - saved[True, 1],
         outside_blocks=max(saved[False, 1] - per_block - logits, 0),
@@ -107,6 +117,22 @@ def probe_activations(cfg: ModelConfig, seq_len: int, lora: FinetuneConfig | Non
         trainable_parameters=trainable,
         embedding_parameters=embedding,
     )
+
+
+def _mapped_gradients(cfg: ModelConfig, lora: FinetuneConfig | None) -> int:
+    """mapped_bytes of the full-size model's trainable parameters: a one-block probe's, each block
+    parameter counted n_layer times and the vocabulary-sized ones at the real vocabulary."""
+    model = _probe_model(cfg, 1, lora)
+    vocabulary = {id(model.tok_embed.weight), id(model.lm_head.weight)}
+    tensors = [
+        (
+            p.numel() * (cfg.vocab_size // PROBE_VOCAB if id(p) in vocabulary else 1),
+            cfg.n_layer if "blocks." in name else 1,
+        )
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    ]
+    return mapped_bytes(tensors)
 
 
 def _parameter_counts(cfg: ModelConfig, lora: FinetuneConfig | None) -> tuple[int, int, int]:
@@ -129,9 +155,20 @@ def _parameter_counts(cfg: ModelConfig, lora: FinetuneConfig | None) -> tuple[in
     return total, trainable, embedding
 
 
+MMAP_THRESHOLD_MAX = 32 * 2**20
+"""glibc's largest mmap threshold: a tensor this large or larger is mapped on allocation and
+unmapped on free, never kept in its heap."""
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Predicted peak bytes of one training process, by part."""
+    """Predicted peak bytes of one training process, by part.
+
+    Weights and optimizer state live through the whole run; the rest of a step comes and goes in
+    two phases that never peak together: the end of the forward pass (every saved activation and
+    the logits; the gradients too when micro-batches accumulate into them) and the backward pass
+    (the gradients and one block's worth of transient tensors; the checkpointed block inputs too).
+    """
 
     weights: int
     gradients: int
@@ -142,24 +179,62 @@ class MemoryEstimate:
     logits: int
     """The logits, their log-softmax and gradient at the head (one chunk's when chunked)."""
     backward_transient: int
-    """Gradients of one block's activations while backward runs through it (and a recomputed block)."""
+    """What backward holds beyond the gradients: one block's activation gradients (or the block a
+    checkpointed backward recomputes), the widest layer's for an MLP."""
     runtime: int
     """What the training process adds beyond its tensors, measured on this machine
-    (`lmkiln.plan.measure.runtime_overhead`)."""
+    (`lmkiln.plan.measure.runtime_memory`)."""
+    heap_retention: int
+    """Memory the C allocator keeps after a step frees it (glibc holds freed blocks under 32 MiB
+    in its heap for reuse): a measured fraction of the step's heap-sized tensors."""
     kv_cache: int
     """Keys and values of block_size tokens for one sequence at generation time (not part of the peak)."""
+    accumulating: bool = False
+    """Several micro-batches per step: the gradients exist during every forward after the first."""
+    checkpointing: bool = False
+    """The checkpointed block inputs (`activations`) stay alive through backward."""
+
+    def step_peak(self, gradients: int) -> int:
+        """The larger of the two phases, with `gradients` bytes of gradients (DDP's buckets double
+        them; FSDP2 holds shards, counted with the weights)."""
+        forward = self.activations + self.logits + (gradients if self.accumulating else 0)
+        backward = gradients + self.backward_transient + (self.activations if self.checkpointing else 0)
+        return max(forward, backward)
+
+    @property
+    def tensors(self) -> int:
+        """The most tensor memory alive at once (what torch's allocator hands out)."""
+        return self.weights + self.optimizer + self.step_peak(self.gradients)
 
     @property
     def total(self) -> int:
-        return (
-            self.weights
-            + self.gradients
-            + self.optimizer
-            + self.activations
-            + self.logits
-            + self.backward_transient
-            + self.runtime
-        )
+        return self.tensors + self.runtime + self.heap_retention
+
+    def parts(self) -> dict[str, int]:
+        """The parts by name (the phases' parts are listed whole: they do not all peak at once)."""
+        names = ["weights", "gradients", "optimizer", "activations", "logits", "backward_transient"]
+        parts = {name: getattr(self, name) for name in names}
+        parts |= {"runtime": self.runtime, "heap_retention": self.heap_retention}
+        return {name: value for name, value in parts.items() if value or name in names[:3]}
+
+
+def heap_bytes(
+    activations: int,
+    logits: int,
+    gradients: int,
+    backward_transient: int,
+    checkpointing: bool,
+    accumulating: bool,
+) -> int:
+    """The larger phase of a step counting only tensors glibc keeps in its heap (the logits'
+    three tensors are each mapped apart when MMAP_THRESHOLD_MAX or larger). A checkpointed
+    backward passes each block through the heap twice, as recomputed activations and as their
+    gradients, so its transient counts twice here (not in the live peak: the first is freed as
+    the second grows)."""
+    heap_logits = logits if logits // 3 < MMAP_THRESHOLD_MAX else 0
+    forward = activations + heap_logits + (gradients if accumulating else 0)
+    recomputed = activations + backward_transient if checkpointing else 0
+    return max(forward, gradients + backward_transient + recomputed)
 
 
 def logits_bytes(tokens: int, vocab_size: int) -> int:
@@ -177,24 +252,34 @@ def training_memory(
     seq_len: int,
     optim: OptimConfig | None = None,
     checkpointing: bool = False,
-    runtime_overhead: int = 0,
+    runtime: RuntimeMemory | None = None,
+    accumulation: int = 1,
 ) -> MemoryEstimate:
     """One process, fp32 weights (the CPU default; bf16 autocast keeps fp32 masters too)."""
+    runtime = runtime or RuntimeMemory(0, 0.0)
     trainable = probe.trainable_parameters
     per_block = probe.per_block_checkpointed if checkpointing else probe.per_block
     activations = micro_batch * (cfg.n_layer * per_block + probe.outside_blocks)
-    # backward holds the gradient of one block's activations; checkpointing first recomputes them
-    transient = micro_batch * probe.per_block * (2 if checkpointing else 1)
+    # backward holds one block's activation gradients, or the block checkpointing recomputes
+    transient = micro_batch * probe.per_block
+    logits = logits_bytes(micro_batch * seq_len, cfg.vocab_size)
+    gradients = trainable * FP32
+    heap = heap_bytes(
+        activations, logits, gradients - probe.mapped_gradients, transient, checkpointing, accumulation > 1
+    )
     return MemoryEstimate(
         weights=probe.total_parameters * FP32,
-        gradients=trainable * FP32,
+        gradients=gradients,
         optimizer=optimizer_states(optim or OptimConfig()) * trainable * FP32,
         activations=activations,
         activations_per_block=micro_batch * per_block,
-        logits=logits_bytes(micro_batch * seq_len, cfg.vocab_size),
+        logits=logits,
         backward_transient=transient,
-        runtime=runtime_overhead,
+        runtime=runtime.overhead,
+        heap_retention=int(runtime.heap_retention * heap),
         kv_cache=2 * cfg.n_layer * cfg.kv_heads * cfg.head_dim * cfg.block_size * FP32,
+        accumulating=accumulation > 1,
+        checkpointing=checkpointing,
     )
 
 
@@ -207,13 +292,14 @@ def per_strategy(estimate: MemoryEstimate, n_layer: int, world_size: int) -> dic
     with prefetching); CPU offload keeps FSDP's shards in host memory (`fsdp_offload_host`), so
     the device holds the activations and the gathered blocks only.
     """
-    states = estimate.weights + estimate.gradients + estimate.optimizer
-    activations = estimate.total - states
-    gathered = 2 * estimate.weights // max(n_layer, 1)
-    sharded = math.ceil(states / world_size)
+    e = estimate
+    process = e.runtime + e.heap_retention
+    gathered = 2 * e.weights // max(n_layer, 1)
+    sharded = math.ceil((e.weights + e.gradients + e.optimizer) / world_size)
+    step = e.step_peak(0) + gathered + process  # FSDP2: the gradients are among the shards
     return {
-        "ddp": estimate.total + estimate.gradients,
-        "fsdp": activations + sharded + gathered,
-        "fsdp_offload_device": activations + gathered,
+        "ddp": e.weights + e.optimizer + e.step_peak(2 * e.gradients) + process,
+        "fsdp": sharded + step,
+        "fsdp_offload_device": step,
         "fsdp_offload_host": sharded,
     }

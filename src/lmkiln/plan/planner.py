@@ -20,7 +20,7 @@ from lmkiln.config import parse_duration as config_duration
 from lmkiln.data.shards import cache_root
 from lmkiln.errors import LmkilnError
 from lmkiln.model.transformer import training_flops_per_token
-from lmkiln.plan.measure import runtime_overhead
+from lmkiln.plan.measure import RuntimeMemory, runtime_memory
 from lmkiln.plan.memory import (
     ActivationProbe,
     MemoryEstimate,
@@ -86,18 +86,6 @@ class Plan:
         """Passes over the training split that the configured steps make."""
         return self.total_steps * self.tokens_per_step / self.data_tokens if self.data_tokens else None
 
-    def memory_parts(self) -> dict[str, int]:
-        m = self.memory
-        return {
-            "weights": m.weights,
-            "gradients": m.gradients,
-            "optimizer": m.optimizer,
-            "activations": m.activations,
-            "logits": m.logits,
-            "backward_transient": m.backward_transient,
-            "runtime": m.runtime,
-        }
-
     def summary(self) -> dict:
         """The figures as plain data (saved as plan.json in a run directory, read by the report)."""
         return {
@@ -107,7 +95,7 @@ class Plan:
             "flops_per_token": self.flops_per_token,
             "data_tokens": self.data_tokens,
             "predicted_peak_bytes": self.memory.total,
-            "memory_parts": self.memory_parts(),
+            "memory_parts": self.memory.parts(),
             "step_seconds": self.calibration.step_seconds if self.calibration else None,
             "tokens_per_s": self.tokens_per_s,
             "train_seconds": self.train_seconds,
@@ -198,9 +186,9 @@ def plan_training(
     cfg, t = run.cfg, run.cfg.train
     micro, accumulation = run.batch.micro_batch_size, run.batch.accumulation
     probe = probe_activations(model_cfg, t.seq_len, lora)
-    overhead = runtime_overhead(t.cpu_matmul, cache_root(cfg.data)) if measure_overhead else 0
+    machine = runtime_memory(t.cpu_matmul, cache_root(cfg.data)) if measure_overhead else None
     both = [
-        training_memory(model_cfg, probe, micro, t.seq_len, cfg.optim, ckpt, overhead)
+        training_memory(model_cfg, probe, micro, t.seq_len, cfg.optim, ckpt, machine, accumulation)
         for ckpt in (False, True)
     ]
     memory = both[t.activation_checkpointing]
@@ -212,8 +200,15 @@ def plan_training(
         memory_checkpointed=both[1],
         strategies=strategy_peaks(
             t,
-            lambda micro: training_memory(
-                model_cfg, probe, micro, t.seq_len, cfg.optim, t.activation_checkpointing, overhead
+            lambda rank_micro, rank_accumulation: training_memory(
+                model_cfg,
+                probe,
+                rank_micro,
+                t.seq_len,
+                cfg.optim,
+                t.activation_checkpointing,
+                machine,
+                rank_accumulation,
             ),
             model_cfg.n_layer,
         ),
@@ -225,7 +220,7 @@ def plan_training(
         calibration=None,
     )
     if memory_limit is not None:
-        _fit_memory(plan, memory_limit, lora)
+        _fit_memory(plan, memory_limit, lora, machine)
     if calibrate_steps > 0:
         plan.calibration = calibrate(
             cfg, model_cfg, plan.micro_batch, plan.accumulation, calibrate_steps, lora
@@ -240,15 +235,16 @@ STRATEGY_PROCESSES = 2
 
 
 def strategy_peaks(
-    t: TrainConfig, estimate_at: Callable[[int], MemoryEstimate], blocks: int
+    t: TrainConfig, estimate_at: Callable[[int, int], MemoryEstimate], blocks: int
 ) -> dict[str, int]:
     """Per-process peaks at STRATEGY_PROCESSES processes, each with its share of the batch
-    (none when the batch does not split)."""
+    (`estimate_at(micro_batch, accumulation)`; none when the batch does not split)."""
     try:
-        micro = batch_plan(t, STRATEGY_PROCESSES).micro_batch_size
+        share = batch_plan(t, STRATEGY_PROCESSES)
     except LmkilnError:
         return {}
-    return per_strategy(estimate_at(micro), blocks, STRATEGY_PROCESSES)
+    estimate = estimate_at(share.micro_batch_size, share.accumulation)
+    return per_strategy(estimate, blocks, STRATEGY_PROCESSES)
 
 
 def _predict_time(plan: Plan) -> None:
@@ -262,14 +258,14 @@ def _predict_time(plan: Plan) -> None:
     plan.eval_seconds = evaluations * eval_tokens * plan.calibration.eval_seconds_per_unit
 
 
-def _fit_memory(plan: Plan, limit: int, lora: FinetuneConfig | None) -> None:
+def _fit_memory(plan: Plan, limit: int, lora: FinetuneConfig | None, machine: RuntimeMemory | None) -> None:
     """Choose the largest micro-batch (then activation checkpointing) whose peak fits `limit`."""
     t, m = plan.cfg.train, plan.model
     batch = t.batch_size
     for checkpointing in (t.activation_checkpointing, True):
         for micro in sorted((d for d in range(1, batch + 1) if batch % d == 0), reverse=True):
             estimate = training_memory(
-                m, plan.probe, micro, t.seq_len, plan.cfg.optim, checkpointing, plan.memory.runtime
+                m, plan.probe, micro, t.seq_len, plan.cfg.optim, checkpointing, machine, batch // micro
             )
             if estimate.total <= limit:
                 if (micro, checkpointing) != (plan.micro_batch, t.activation_checkpointing):
@@ -287,7 +283,7 @@ def _fit_memory(plan: Plan, limit: int, lora: FinetuneConfig | None) -> None:
                     ),
                 )
                 return
-    smallest = training_memory(m, plan.probe, 1, t.seq_len, plan.cfg.optim, True, plan.memory.runtime)
+    smallest = training_memory(m, plan.probe, 1, t.seq_len, plan.cfg.optim, True, machine, batch)
     hint = "" if lora else ", or train LoRA adapters (task=finetune finetune.method=lora)"
     raise LmkilnError(
         f"--memory {format_bytes(limit)} is below the smallest configuration of this model "

@@ -18,8 +18,15 @@ from lmkiln.config import Config, resolve
 from lmkiln.data.shards import cache_root
 from lmkiln.errors import LmkilnError
 from lmkiln.model.transformer import count_parameters
-from lmkiln.plan.measure import runtime_overhead
-from lmkiln.plan.memory import FP32, MemoryEstimate, optimizer_states, saved_tensor_bytes
+from lmkiln.plan.measure import RuntimeMemory, runtime_memory
+from lmkiln.plan.memory import (
+    FP32,
+    MemoryEstimate,
+    heap_bytes,
+    mapped_bytes,
+    optimizer_states,
+    saved_tensor_bytes,
+)
 from lmkiln.plan.planner import strategy_peaks
 from lmkiln.plan.speed import Calibration, build_workload, calibrate
 
@@ -47,17 +54,6 @@ class TablePlan:
     def examples_per_s(self) -> float | None:
         return self.cfg.train.batch_size / self.calibration.step_seconds if self.calibration else None
 
-    def memory_parts(self) -> dict[str, int]:
-        m = self.memory
-        return {
-            "weights": m.weights,
-            "gradients": m.gradients,
-            "optimizer": m.optimizer,
-            "activations": m.activations,
-            "backward_transient": m.backward_transient,
-            "runtime": m.runtime,
-        }
-
     def summary(self) -> dict:
         """The figures as plain data (saved as plan.json in a run directory, read by the report)."""
         return {
@@ -66,7 +62,7 @@ class TablePlan:
             "flops_per_example": self.flops_per_example,
             "rows": self.rows,
             "predicted_peak_bytes": self.memory.total,
-            "memory_parts": self.memory_parts(),
+            "memory_parts": self.memory.parts(),
             "step_seconds": self.calibration.step_seconds if self.calibration else None,
             "examples_per_s": self.examples_per_s,
             "train_seconds": self.train_seconds,
@@ -96,34 +92,22 @@ def plan_table(
     saved = saved_tensor_bytes(work.model, lambda: work.objective(work.model, work.batch))
     parameters = count_parameters(work.model)
     linears = [m for m in work.model.modules() if isinstance(m, torch.nn.Linear)]
-    overhead = runtime_overhead(cfg.train.cpu_matmul, cache_root(cfg.data), "mlp") if measure_overhead else 0
-    memory = MemoryEstimate(
-        weights=parameters * FP32,
-        gradients=parameters * FP32,
-        optimizer=optimizer_states(cfg.optim) * parameters * FP32,
-        activations=sum(saved),
-        activations_per_block=0,
-        logits=0,  # (micro-batch, outputs): among the saved activations
-        # backward holds the gradients of the widest layer's input and output at once
-        backward_transient=2 * micro * max(max(m.in_features, m.out_features) for m in linears) * FP32,
-        runtime=overhead,
-        kv_cache=0,
-    )
+    widest = max(max(m.in_features, m.out_features) for m in linears)
+    mapped = mapped_bytes([(p.numel(), 1) for p in work.model.parameters()])
+    machine = runtime_memory(cfg.train.cpu_matmul, cache_root(cfg.data), "mlp") if measure_overhead else None
+
+    def estimate_at(rows: int, accumulation: int) -> MemoryEstimate:
+        """Activations and the backward's gradients scale with the rows a process takes."""
+        activations = rows * sum(saved) // micro
+        return _table_memory(parameters, mapped, cfg, activations, rows * widest, accumulation, machine)
+
+    memory = estimate_at(micro, accumulation)
     plan = TablePlan(
         cfg=cfg,
         parameters=parameters,
         linear_layers=len(linears),
         memory=memory,
-        # activations and the backward's gradients scale with the rows each process takes
-        strategies=strategy_peaks(
-            cfg.train,
-            lambda rank_micro: dataclasses.replace(
-                memory,
-                activations=memory.activations * rank_micro // micro,
-                backward_transient=memory.backward_transient * rank_micro // micro,
-            ),
-            len(linears),
-        ),
+        strategies=strategy_peaks(cfg.train, estimate_at, len(linears)),
         # forward one multiply-add per weight, backward two (input and weight gradients)
         flops_per_example=6 * sum(m.weight.numel() for m in linears),
         micro_batch=micro,
@@ -143,6 +127,36 @@ def plan_table(
                 evaluations = plan.total_steps // max(t.eval_every, 1) + 2
             plan.eval_seconds = evaluations * rows["val"] * plan.calibration.eval_seconds_per_unit
     return plan
+
+
+def _table_memory(
+    parameters: int,
+    mapped_gradients: int,
+    cfg: Config,
+    activations: int,
+    widest_row: int,
+    accumulation: int,
+    machine: RuntimeMemory | None,
+) -> MemoryEstimate:
+    """An MLP's parts: `activations` saved for its micro-batch, `widest_row` = rows × widest layer."""
+    machine = machine or RuntimeMemory(0, 0.0)
+    gradients = parameters * FP32
+    # backward holds the gradients of the widest layer's input and output at once
+    transient = 2 * widest_row * FP32
+    heap = heap_bytes(activations, 0, gradients - mapped_gradients, transient, False, accumulation > 1)
+    return MemoryEstimate(
+        weights=parameters * FP32,
+        gradients=gradients,
+        optimizer=optimizer_states(cfg.optim) * parameters * FP32,
+        activations=activations,
+        activations_per_block=0,
+        logits=0,  # (micro-batch, outputs): among the saved activations
+        backward_transient=transient,
+        runtime=machine.overhead,
+        heap_retention=int(machine.heap_retention * heap),
+        kv_cache=0,
+        accumulating=accumulation > 1,
+    )
 
 
 def table_rows(cfg: Config) -> tuple[Config, dict[str, int]]:

@@ -54,7 +54,7 @@ def format_plan(plan: Plan | TablePlan) -> str:
         f"memory (one process, micro-batch {plan.micro_batch} × {t.seq_len} tokens, "
         f"accumulation {plan.accumulation}): predicted peak {format_bytes(mem.total)}"
     )
-    lines.extend(_part_lines(plan.memory_parts()))
+    lines.extend(_part_lines(plan.memory.parts()))
     lines.append(
         f"  activations per block: {format_bytes(mem.activations_per_block)} "
         f"(checkpointed: {format_bytes(plan.probe.per_block_checkpointed * plan.micro_batch)}); "
@@ -113,7 +113,7 @@ def format_table_plan(plan: TablePlan) -> str:
         f"memory (one process, micro-batch {plan.micro_batch}, accumulation {plan.accumulation}): "
         f"predicted peak {format_bytes(plan.memory.total)}"
     )
-    lines.extend(_part_lines(plan.memory_parts()))
+    lines.extend(_part_lines(plan.memory.parts()))
     lines.extend(_strategy_lines(plan.strategies))
     c = plan.calibration
     if c is not None:
