@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow  # a live server per module
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("lifecycle")
-    base = make_base(root / "base", block_size=2048)
+    # wide enough that the long request takes seconds, not a fraction of one, on an idle machine
+    base = make_base(root / "base", block_size=2048, d_model=256)
     log = root / "server.log"
     proc, url = start_server(
         str(base),

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,28 +157,52 @@ class RuntimeMemory:
 
 
 def runtime_memory(cpu_matmul: str, cache_dir: Path, kind: str = "transformer") -> RuntimeMemory:
-    """Measure, once per machine, torch version and kind of model, then cached.
+    """What a training process of this kind holds beyond its tensors here (measured once per
+    machine, torch version, GEMM choice and kind of model, then cached)."""
+    return RuntimeMemory(
+        runtime_overhead(cpu_matmul, cache_dir, kind), heap_retention(cpu_matmul, cache_dir, kind)
+    )
 
-    The overhead is TINY[kind]'s peak. The retention compares REFERENCE[kind]'s peak under the
-    default allocator with its peak when glibc returns every freed block (RETURN_FREED): the
-    difference, over the tensors its step holds beyond weights and optimizer state (that peak
-    less the overhead and those states).
-    """
+
+def runtime_overhead(cpu_matmul: str, cache_dir: Path, kind: str = "transformer") -> int:
+    """TINY[kind]'s peak: `RuntimeMemory.overhead`."""
+    return int(
+        _cached(cache_dir, "runtime-overhead", cpu_matmul, kind, lambda: _overhead_mb(cpu_matmul, kind))
+        * 2**20
+    )
+
+
+def heap_retention(cpu_matmul: str, cache_dir: Path, kind: str = "transformer") -> float:
+    """`RuntimeMemory.heap_retention`: REFERENCE[kind]'s peak under the default allocator against
+    its peak when glibc returns every freed block (RETURN_FREED); the difference, over the
+    tensors its step holds beyond weights and optimizer state (that peak less the overhead and
+    those states)."""
+
+    def measured() -> float:
+        matmul = f"train.cpu_matmul={cpu_matmul}"
+        default = measure([*REFERENCE[kind], matmul], steps=10)
+        returned = measure([*REFERENCE[kind], matmul], steps=4, env=RETURN_FREED)
+        overhead_mb = runtime_overhead(cpu_matmul, cache_dir, kind) / 2**20
+        step_mb = returned["peak_mb"] - overhead_mb - returned["states_mb"]
+        return round(max(default["peak_mb"] - returned["peak_mb"], 0.0) / max(step_mb, 1.0), 4)
+
+    return _cached(cache_dir, "heap-retention", cpu_matmul, kind, measured)
+
+
+def _overhead_mb(cpu_matmul: str, kind: str) -> float:
+    return measure([*TINY[kind], f"train.cpu_matmul={cpu_matmul}"], steps=3)["peak_mb"]
+
+
+def _cached(cache_dir: Path, what: str, cpu_matmul: str, kind: str, compute: Callable[[], float]) -> float:
     import torch
 
-    path = cache_dir / "plan" / f"runtime-{kind}-torch{torch.__version__}-{cpu_matmul}.json"
+    path = cache_dir / "plan" / f"{what}-{kind}-torch{torch.__version__}-{cpu_matmul}.json"
     if path.is_file():
-        return RuntimeMemory(**json.loads(path.read_text(encoding="utf-8")))
-    matmul = f"train.cpu_matmul={cpu_matmul}"
-    overhead_mb = measure([*TINY[kind], matmul], steps=3)["peak_mb"]
-    default = measure([*REFERENCE[kind], matmul], steps=10)
-    returned = measure([*REFERENCE[kind], matmul], steps=4, env=RETURN_FREED)
-    step_mb = returned["peak_mb"] - overhead_mb - returned["states_mb"]
-    retention = max(default["peak_mb"] - returned["peak_mb"], 0.0) / max(step_mb, 1.0)
-    result = RuntimeMemory(overhead=int(overhead_mb * 2**20), heap_retention=round(retention, 4))
+        return json.loads(path.read_text(encoding="utf-8"))["value"]
+    value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(vars(result)), encoding="utf-8")
-    return result
+    path.write_text(json.dumps({"value": value}), encoding="utf-8")
+    return value
 
 
 if __name__ == "__main__":

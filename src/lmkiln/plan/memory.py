@@ -218,23 +218,14 @@ class MemoryEstimate:
         return {name: value for name, value in parts.items() if value or name in names[:3]}
 
 
-def heap_bytes(
-    activations: int,
-    logits: int,
-    gradients: int,
-    backward_transient: int,
-    checkpointing: bool,
-    accumulating: bool,
-) -> int:
-    """The larger phase of a step counting only tensors glibc keeps in its heap (the logits'
-    three tensors are each mapped apart when MMAP_THRESHOLD_MAX or larger). A checkpointed
-    backward passes each block through the heap twice, as recomputed activations and as their
-    gradients, so its transient counts twice here (not in the live peak: the first is freed as
-    the second grows)."""
+def heap_bytes(created: int, logits: int, gradients: int, backward_transient: int, accumulating: bool) -> int:
+    """The larger phase of a step in tensors glibc keeps in its heap. `created` is every activation
+    the forward pass creates: with checkpointing most are freed at once, but the heap is shaped by
+    what passed through it (measured: a checkpointed step leaves as much behind as a plain one).
+    The logits' three tensors are each mapped apart when MMAP_THRESHOLD_MAX or larger."""
     heap_logits = logits if logits // 3 < MMAP_THRESHOLD_MAX else 0
-    forward = activations + heap_logits + (gradients if accumulating else 0)
-    recomputed = activations + backward_transient if checkpointing else 0
-    return max(forward, gradients + backward_transient + recomputed)
+    forward = created + heap_logits + (gradients if accumulating else 0)
+    return max(forward, gradients + backward_transient)
 
 
 def logits_bytes(tokens: int, vocab_size: int) -> int:
@@ -264,9 +255,8 @@ def training_memory(
     transient = micro_batch * probe.per_block
     logits = logits_bytes(micro_batch * seq_len, cfg.vocab_size)
     gradients = trainable * FP32
-    heap = heap_bytes(
-        activations, logits, gradients - probe.mapped_gradients, transient, checkpointing, accumulation > 1
-    )
+    created = micro_batch * (cfg.n_layer * probe.per_block + probe.outside_blocks)
+    heap = heap_bytes(created, logits, gradients - probe.mapped_gradients, transient, accumulation > 1)
     return MemoryEstimate(
         weights=probe.total_parameters * FP32,
         gradients=gradients,
@@ -283,20 +273,25 @@ def training_memory(
     )
 
 
-def per_strategy(estimate: MemoryEstimate, n_layer: int, world_size: int) -> dict[str, int]:
+def per_strategy(
+    estimate: MemoryEstimate, n_layer: int, world_size: int, sharded_runtime: int | None = None
+) -> dict[str, int]:
     """Peak bytes per process for each way of spreading the run over `world_size` processes;
     `estimate` is one process's at its share of the batch.
 
     DDP replicates everything and adds gradient buckets (a second copy of the gradients); FSDP2
     shards weights, gradients and optimizer state and gathers one block's weights at a time (two
     with prefetching); CPU offload keeps FSDP's shards in host memory (`fsdp_offload_host`), so
-    the device holds the activations and the gathered blocks only.
+    the device holds the activations and the gathered blocks only. `sharded_runtime` is FSDP2's
+    runtime overhead where it differs (its sharded weights take torch's default CPU GEMM, whose
+    kernels hold less than oneDNN's).
     """
     e = estimate
     process = e.runtime + e.heap_retention
     gathered = 2 * e.weights // max(n_layer, 1)
     sharded = math.ceil((e.weights + e.gradients + e.optimizer) / world_size)
-    step = e.step_peak(0) + gathered + process  # FSDP2: the gradients are among the shards
+    sharded_process = (e.runtime if sharded_runtime is None else sharded_runtime) + e.heap_retention
+    step = e.step_peak(0) + gathered + sharded_process  # FSDP2: the gradients are among the shards
     return {
         "ddp": e.weights + e.optimizer + e.step_peak(2 * e.gradients) + process,
         "fsdp": sharded + step,

@@ -14,13 +14,14 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lmkiln.config import Config, FinetuneConfig, ModelConfig, TrainConfig, batch_plan, resolve
 from lmkiln.config import parse_duration as config_duration
 from lmkiln.data.shards import cache_root
 from lmkiln.errors import LmkilnError
 from lmkiln.model.transformer import training_flops_per_token
-from lmkiln.plan.measure import RuntimeMemory, runtime_memory
+from lmkiln.plan.measure import RuntimeMemory, runtime_memory, runtime_overhead
 from lmkiln.plan.memory import (
     ActivationProbe,
     MemoryEstimate,
@@ -211,6 +212,7 @@ def plan_training(
                 rank_accumulation,
             ),
             model_cfg.n_layer,
+            cache_root(cfg.data) if measure_overhead else None,
         ),
         flops_per_token=training_flops_per_token(model_cfg, t.seq_len),
         micro_batch=micro,
@@ -235,16 +237,25 @@ STRATEGY_PROCESSES = 2
 
 
 def strategy_peaks(
-    t: TrainConfig, estimate_at: Callable[[int, int], MemoryEstimate], blocks: int
+    t: TrainConfig,
+    estimate_at: Callable[[int, int], MemoryEstimate],
+    blocks: int,
+    cache_dir: Path | None,
+    kind: str = "transformer",
 ) -> dict[str, int]:
     """Per-process peaks at STRATEGY_PROCESSES processes, each with its share of the batch
-    (`estimate_at(micro_batch, accumulation)`; none when the batch does not split)."""
+    (`estimate_at(micro_batch, accumulation)`; none when the batch does not split).
+
+    FSDP2's sharded (DTensor) weights skip oneDNN's GEMM (`lmkiln.model.kernels`): its processes
+    hold torch's default GEMM's runtime, measured apart when `cache_dir` is given.
+    """
     try:
         share = batch_plan(t, STRATEGY_PROCESSES)
     except LmkilnError:
         return {}
     estimate = estimate_at(share.micro_batch_size, share.accumulation)
-    return per_strategy(estimate, blocks, STRATEGY_PROCESSES)
+    sharded = runtime_overhead("default", cache_dir, kind) if cache_dir else None
+    return per_strategy(estimate, blocks, STRATEGY_PROCESSES, sharded)
 
 
 def _predict_time(plan: Plan) -> None:

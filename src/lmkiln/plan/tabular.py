@@ -107,7 +107,9 @@ def plan_table(
         parameters=parameters,
         linear_layers=len(linears),
         memory=memory,
-        strategies=strategy_peaks(cfg.train, estimate_at, len(linears)),
+        strategies=strategy_peaks(
+            cfg.train, estimate_at, len(linears), cache_root(cfg.data) if measure_overhead else None, "mlp"
+        ),
         # forward one multiply-add per weight, backward two (input and weight gradients)
         flops_per_example=6 * sum(m.weight.numel() for m in linears),
         micro_batch=micro,
@@ -143,7 +145,7 @@ def _table_memory(
     gradients = parameters * FP32
     # backward holds the gradients of the widest layer's input and output at once
     transient = 2 * widest_row * FP32
-    heap = heap_bytes(activations, 0, gradients - mapped_gradients, transient, False, accumulation > 1)
+    heap = heap_bytes(activations, 0, gradients - mapped_gradients, transient, accumulation > 1)
     return MemoryEstimate(
         weights=parameters * FP32,
         gradients=gradients,
