@@ -1,7 +1,7 @@
 """`lmkiln serve` under pressure: a client that leaves mid-stream frees its row, a full queue answers
 429, SIGTERM drains the requests in flight and exits, and binding beyond loopback needs a key.
 
-The server has one row and one waiting place, and a base model with a 2048-token context, so that
+The server has one row and one waiting place, and a base model with a 4096-token context, so that
 a long request is still running while the test looks at it.
 """
 
@@ -19,6 +19,8 @@ from finetune_helpers import make_base
 from serve_helpers import request, start_server, stop_server
 
 NAME = "long-base"
+LONG = 3500
+"""Tokens of the long request: seconds of generation, so it is still running while the test looks."""
 pytestmark = pytest.mark.slow  # a live server per module
 
 
@@ -26,7 +28,7 @@ pytestmark = pytest.mark.slow  # a live server per module
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("lifecycle")
     # wide enough that the long request takes seconds, not a fraction of one, on an idle machine
-    base = make_base(root / "base", block_size=2048, d_model=256)
+    base = make_base(root / "base", block_size=4096, d_model=256)
     log = root / "server.log"
     proc, url = start_server(
         str(base),
@@ -109,7 +111,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
 
 def test_a_full_queue_answers_429_and_sigterm_drains_the_requests_in_flight(server):
     proc, url, log = server
-    conn, response = open_stream(url, 1500)
+    conn, response = open_stream(url, LONG)
     stream = events(response)
     next(stream)
     wait_until(lambda: health(url)["running"] == 1, "the long request to run")
@@ -139,7 +141,7 @@ def test_a_full_queue_answers_429_and_sigterm_drains_the_requests_in_flight(serv
     rest = [json.loads(data) for data in stream if data != "[DONE]"]  # the stream runs to its end
     conn.close()
     assert (
-        rest[-2]["choices"][0]["finish_reason"] == "length" and rest[-1]["usage"]["completion_tokens"] == 1500
+        rest[-2]["choices"][0]["finish_reason"] == "length" and rest[-1]["usage"]["completion_tokens"] == LONG
     )
     thread.join(60)
     status, body = waiting["answer"]
