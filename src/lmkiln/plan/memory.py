@@ -194,17 +194,24 @@ class MemoryEstimate:
     checkpointing: bool = False
     """The checkpointed block inputs (`activations`) stay alive through backward."""
 
-    def step_peak(self, gradients: int) -> int:
-        """The larger of the two phases, with `gradients` bytes of gradients (DDP's buckets double
-        them; FSDP2 holds shards, counted with the weights)."""
-        forward = self.activations + self.logits + (gradients if self.accumulating else 0)
-        backward = gradients + self.backward_transient + (self.activations if self.checkpointing else 0)
-        return max(forward, backward)
+    def phases(self, gradients: int | None = None) -> dict[str, int]:
+        """What the step holds beyond weights and optimizer state at the end of forward and in
+        backward, with `gradients` bytes of gradients (default: this process's own)."""
+        gradients = self.gradients if gradients is None else gradients
+        return {
+            "forward": self.activations + self.logits + (gradients if self.accumulating else 0),
+            "backward": gradients + self.backward_transient + (self.activations if self.checkpointing else 0),
+        }
+
+    def step_peak(self, gradients: int | None = None) -> int:
+        """The larger phase (DDP's buckets double the gradients; FSDP2 holds shards, counted with
+        the weights, so 0 here)."""
+        return max(self.phases(gradients).values())
 
     @property
     def tensors(self) -> int:
         """The most tensor memory alive at once (what torch's allocator hands out)."""
-        return self.weights + self.optimizer + self.step_peak(self.gradients)
+        return self.weights + self.optimizer + self.step_peak()
 
     @property
     def total(self) -> int:

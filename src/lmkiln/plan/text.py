@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lmkiln.config import Config
 from lmkiln.errors import LmkilnError
+from lmkiln.plan.memory import MemoryEstimate
 from lmkiln.plan.planner import STRATEGY_PROCESSES, Plan, format_bytes, plan_training
 from lmkiln.plan.tabular import TablePlan, plan_table, table_rows
 from lmkiln.train.observe import format_count, format_duration
@@ -54,7 +55,7 @@ def format_plan(plan: Plan | TablePlan) -> str:
         f"memory (one process, micro-batch {plan.micro_batch} × {t.seq_len} tokens, "
         f"accumulation {plan.accumulation}): predicted peak {format_bytes(mem.total)}"
     )
-    lines.extend(_part_lines(plan.memory.parts()))
+    lines.extend(_part_lines(plan.memory))
     lines.append(
         f"  activations per block: {format_bytes(mem.activations_per_block)} "
         f"(checkpointed: {format_bytes(plan.probe.per_block_checkpointed * plan.micro_batch)}); "
@@ -79,8 +80,14 @@ def format_plan(plan: Plan | TablePlan) -> str:
     return "\n".join(lines)
 
 
-def _part_lines(parts: dict[str, int]) -> list[str]:
-    return [f"  {name:<19} {format_bytes(value):>11}" for name, value in parts.items()]
+def _part_lines(memory: MemoryEstimate) -> list[str]:
+    lines = [f"  {name:<19} {format_bytes(value):>11}" for name, value in memory.parts().items()]
+    phases = memory.phases()
+    lines.append(
+        "  peak = weights + optimizer + runtime + heap_retention + the larger phase of a step "
+        f"(end of forward {format_bytes(phases['forward'])}, backward {format_bytes(phases['backward'])})"
+    )
+    return lines
 
 
 def _strategy_lines(strategies: dict[str, int]) -> list[str]:
@@ -113,7 +120,7 @@ def format_table_plan(plan: TablePlan) -> str:
         f"memory (one process, micro-batch {plan.micro_batch}, accumulation {plan.accumulation}): "
         f"predicted peak {format_bytes(plan.memory.total)}"
     )
-    lines.extend(_part_lines(plan.memory.parts()))
+    lines.extend(_part_lines(plan.memory))
     lines.extend(_strategy_lines(plan.strategies))
     c = plan.calibration
     if c is not None:
