@@ -224,15 +224,21 @@ class MemoryEstimate:
         parts |= {"runtime": self.runtime, "heap_retention": self.heap_retention}
         return {name: value for name, value in parts.items() if value or name in names[:3]}
 
-
-def heap_bytes(created: int, logits: int, gradients: int, backward_transient: int, accumulating: bool) -> int:
-    """The larger phase of a step in tensors glibc keeps in its heap. `created` is every activation
-    the forward pass creates: with checkpointing most are freed at once, but the heap is shaped by
-    what passed through it (measured: a checkpointed step leaves as much behind as a plain one).
-    The logits' three tensors are each mapped apart when MMAP_THRESHOLD_MAX or larger."""
-    heap_logits = logits if logits // 3 < MMAP_THRESHOLD_MAX else 0
-    forward = created + heap_logits + (gradients if accumulating else 0)
-    return max(forward, gradients + backward_transient)
+    def retaining(self, share: float, mapped_gradients: int, created: int | None = None) -> MemoryEstimate:
+        """This estimate with `heap_retention`: `share` of the larger phase counted in the tensors
+        glibc keeps in its heap. The gradients less `mapped_gradients` (tensors of
+        MMAP_THRESHOLD_MAX or more are mapped apart), the logits when each of their three tensors
+        is under it, and every activation the forward pass `created`: checkpointing frees most at
+        once, but the heap is shaped by what passed through it (measured: a checkpointed step
+        leaves as much behind as a plain one)."""
+        heap_step = replace(
+            self,
+            activations=self.activations if created is None else created,
+            logits=self.logits if self.logits // 3 < MMAP_THRESHOLD_MAX else 0,
+            gradients=self.gradients - mapped_gradients,
+            checkpointing=False,
+        )
+        return replace(self, heap_retention=int(share * heap_step.step_peak()))
 
 
 def logits_bytes(tokens: int, vocab_size: int) -> int:
@@ -260,24 +266,22 @@ def training_memory(
     activations = micro_batch * (cfg.n_layer * per_block + probe.outside_blocks)
     # backward holds one block's activation gradients, or the block checkpointing recomputes
     transient = micro_batch * probe.per_block
-    logits = logits_bytes(micro_batch * seq_len, cfg.vocab_size)
-    gradients = trainable * FP32
-    created = micro_batch * (cfg.n_layer * probe.per_block + probe.outside_blocks)
-    heap = heap_bytes(created, logits, gradients - probe.mapped_gradients, transient, accumulation > 1)
-    return MemoryEstimate(
+    estimate = MemoryEstimate(
         weights=probe.total_parameters * FP32,
-        gradients=gradients,
+        gradients=trainable * FP32,
         optimizer=optimizer_states(optim or OptimConfig()) * trainable * FP32,
         activations=activations,
         activations_per_block=micro_batch * per_block,
-        logits=logits,
+        logits=logits_bytes(micro_batch * seq_len, cfg.vocab_size),
         backward_transient=transient,
         runtime=runtime.overhead,
-        heap_retention=int(runtime.heap_retention * heap),
+        heap_retention=0,
         kv_cache=2 * cfg.n_layer * cfg.kv_heads * cfg.head_dim * cfg.block_size * FP32,
         accumulating=accumulation > 1,
         checkpointing=checkpointing,
     )
+    created = micro_batch * (cfg.n_layer * probe.per_block + probe.outside_blocks)
+    return estimate.retaining(runtime.heap_retention, probe.mapped_gradients, created)
 
 
 def per_strategy(

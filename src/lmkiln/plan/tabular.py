@@ -22,7 +22,6 @@ from lmkiln.plan.measure import RuntimeMemory, runtime_memory
 from lmkiln.plan.memory import (
     FP32,
     MemoryEstimate,
-    heap_bytes,
     mapped_bytes,
     optimizer_states,
     saved_tensor_bytes,
@@ -145,8 +144,7 @@ def _table_memory(
     gradients = parameters * FP32
     # backward holds the gradients of the widest layer's input and output at once
     transient = 2 * widest_row * FP32
-    heap = heap_bytes(activations, 0, gradients - mapped_gradients, transient, accumulation > 1)
-    return MemoryEstimate(
+    estimate = MemoryEstimate(
         weights=parameters * FP32,
         gradients=gradients,
         optimizer=optimizer_states(cfg.optim) * parameters * FP32,
@@ -155,10 +153,11 @@ def _table_memory(
         logits=0,  # (micro-batch, outputs): among the saved activations
         backward_transient=transient,
         runtime=machine.overhead,
-        heap_retention=int(machine.heap_retention * heap),
+        heap_retention=0,
         kv_cache=0,
         accumulating=accumulation > 1,
     )
+    return estimate.retaining(machine.heap_retention, mapped_gradients)
 
 
 def table_rows(cfg: Config) -> tuple[Config, dict[str, int]]:
