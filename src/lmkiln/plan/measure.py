@@ -5,8 +5,9 @@ that config builds, trains STEPS steps on random tokens (rows, for an MLP) and w
 DIR/rank0.json (a file per process under torchrun): `peak_mb`, the process's peak resident
 memory (VmHWM) minus its resident memory just before the model and its synthetic batch were
 built (imports excluded), and `step_s`, the fastest step after the first two (the least
-disturbed by other processes on a shared machine). A fresh process, because a peak cannot be
-reset. The plan uses it once per machine for the runtime's own overhead; the plan-accuracy
+disturbed by other processes on a shared machine); and `states_mb`, the MiB of its weights and
+optimizer state (global sizes under FSDP2). A fresh process, because a peak cannot be
+reset. The plan uses it once per machine for the runtime's own memory; the plan-accuracy
 benchmark uses it for every configuration it checks.
 """
 

@@ -20,6 +20,7 @@ from lmkiln.config import Config, FinetuneConfig, ModelConfig, TrainConfig, batc
 from lmkiln.config import parse_duration as config_duration
 from lmkiln.data.shards import cache_root
 from lmkiln.errors import LmkilnError
+from lmkiln.model.kernels import resolve_cpu_matmul
 from lmkiln.model.transformer import training_flops_per_token
 from lmkiln.plan.measure import RuntimeMemory, runtime_memory, runtime_overhead
 from lmkiln.plan.memory import (
@@ -254,7 +255,8 @@ def strategy_peaks(
     except LmkilnError:
         return {}
     estimate = estimate_at(share.micro_batch_size, share.accumulation)
-    sharded = runtime_overhead("default", cache_dir, kind) if cache_dir else None
+    onednn = resolve_cpu_matmul(t.cpu_matmul)  # else FSDP2 runs the same GEMM: nothing to measure apart
+    sharded = runtime_overhead("default", cache_dir, kind) if cache_dir and onednn else None
     return per_strategy(estimate, blocks, STRATEGY_PROCESSES, sharded)
 
 
